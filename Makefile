@@ -1,0 +1,37 @@
+# The two commands of the README, and the small steps they are made of.
+VENV ?= .venv
+BIN := $(VENV)/bin
+PROMPT ?= In one sentence: what does fine-tuning a language model mean?
+
+.PHONY: run test install install-dev sync check-sync lab outputs
+
+run: install  ## install everything, then run the main job
+	$(BIN)/finetune-lab model prepare
+	$(BIN)/finetune-lab model generate "$(PROMPT)" --max-new-tokens 60
+
+test: install-dev  ## install what the tests need, then run the whole test suite
+	$(BIN)/nbdev-test --n-workers 2
+	$(BIN)/pytest
+
+install:
+	bash tools/setup.sh tutorial
+
+install-dev:
+	bash tools/setup.sh dev
+
+sync:  ## notebooks -> library and README, and clean notebooks
+	$(BIN)/nbdev-export
+	$(BIN)/nbdev-clean
+	$(BIN)/python tools/readme.py
+
+check-sync: sync  ## fail if the notebooks, library and README were not in sync
+	@git status --porcelain -- nbs finetune_lab README.md | grep . && { echo "notebooks, library or README not in sync (run make sync and commit)"; exit 1; } || echo "in sync"
+
+lab: install  ## open the lessons in JupyterLab
+	$(BIN)/jupyter lab nbs
+
+NBS ?= 00_core.ipynb 01_models.ipynb 08_cli.ipynb index.ipynb
+outputs: install-dev  ## re-run notebooks on the real model (parameters-cell defaults) and keep their outputs
+	$(BIN)/nbdev-export
+	cd nbs && for nb in $(NBS); do FINETUNE_LAB_PROGRESS=0 ../$(BIN)/papermill --no-progress-bar $$nb $$nb || exit 1; done
+	$(MAKE) sync

@@ -1,0 +1,59 @@
+import json
+import pytest
+import torch
+from finetune_lab.core import FinetuneLabError, atomic_path, get_device, get_dtype, precision_kwargs, run_dir, seed_everything, write_json
+
+
+def test_error_is_one_line_with_fix():
+    e = FinetuneLabError("file x.jsonl\nrow 3: bad", fix="do\nthis")
+    assert str(e) == "file x.jsonl row 3: bad. Fix: do this"
+    assert e.exit_code == 2
+
+
+def test_cpu_device_and_precision():
+    assert get_device("cpu") == "cpu"
+    assert get_dtype("cpu") == torch.float32
+    assert precision_kwargs("cpu") == dict(use_cpu=True, bf16=False, fp16=False)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_asked_without_gpu_is_a_user_error():
+    with pytest.raises(FinetuneLabError, match="no CUDA GPU"): get_device("cuda")
+
+
+def test_device_env_override(monkeypatch):
+    monkeypatch.setenv("FINETUNE_LAB_DEVICE", "cpu")
+    assert get_device() == "cpu"
+
+
+def test_seed_repeats():
+    seed_everything(3); a = torch.rand(4)
+    seed_everything(3); b = torch.rand(4)
+    assert torch.equal(a, b)
+
+
+def test_run_dir_refuses_to_overwrite(tmp_path):
+    r = run_dir(tmp_path, "x")
+    (r/"f").write_text("1")
+    with pytest.raises(FinetuneLabError, match="resume"): run_dir(tmp_path, "x")
+    assert run_dir(tmp_path, "x", resume=True) == r
+
+
+def test_atomic_folder_replace_and_failure(tmp_path):
+    target = tmp_path/"model"
+    with atomic_path(target) as t:
+        t.mkdir(); (t/"a").write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as t:
+            t.mkdir(); (t/"a").write_text("half")
+            raise RuntimeError("killed")
+    assert (target/"a").read_text() == "old"
+    with atomic_path(target) as t:
+        t.mkdir(); (t/"a").write_text("new")
+    assert (target/"a").read_text() == "new"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_write_json_roundtrip(tmp_path):
+    p = write_json(tmp_path/"sub"/"m.json", {"a": 1})
+    assert json.loads(p.read_text()) == {"a": 1}
