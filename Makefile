@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 PROMPT ?= In one sentence: what does fine-tuning a language model mean?
 
-.PHONY: run test install install-dev sync check-sync lab outputs
+.PHONY: run test install install-dev sync check-sync lab outputs data
 
 run: install  ## install everything, then run the main job
 	$(BIN)/finetune-lab model prepare
@@ -30,8 +30,11 @@ check-sync: sync  ## fail if the notebooks, library and README were not in sync
 lab: install  ## open the lessons in JupyterLab
 	$(BIN)/jupyter lab nbs
 
-NBS ?= 00_core.ipynb 01_models.ipynb 08_cli.ipynb index.ipynb
+NBS ?= 00_core.ipynb 01_models.ipynb 02_data.ipynb 08_cli.ipynb index.ipynb
 outputs: install-dev  ## re-run notebooks on the real model (parameters-cell defaults) and keep their outputs
 	$(BIN)/nbdev-export
 	cd nbs && for nb in $(NBS); do FINETUNE_LAB_PROGRESS=0 ../$(BIN)/papermill --no-progress-bar $$nb $$nb || exit 1; done
 	$(MAKE) sync
+
+data:  ## regenerate the shipped dataset (seeded: the same files every time)
+	$(BIN)/python data/make_tickets.py
