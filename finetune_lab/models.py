@@ -222,11 +222,8 @@ def load_model(name:str=DEFAULT_MODEL, # registry name, local folder or hub id
     device = get_device(device); dtype = dtype or get_dtype(device)
     if MODELS.get(name) and MODELS[name].kind == "tiny": model, tok = build_tiny(seed)
     else:
-        path = prepare_model(name)
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-        from transformers import AutoTokenizer
-        tok = AutoTokenizer.from_pretrained(path)
-        check_chat_template(tok)
+        model = AutoModelForCausalLM.from_pretrained(prepare_model(name), dtype=dtype)
+        tok = load_tokenizer(name, purpose)
     set_padding(tok, purpose)
     if model.generation_config.pad_token_id is None: model.generation_config.pad_token_id = tok.pad_token_id
     model = model.to(device=device, dtype=dtype)

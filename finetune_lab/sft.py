@@ -263,7 +263,6 @@ def train_sft(model:str,                 # registry name, local folder or hub id
                        seconds_per_step=round(seconds / steps_run, 2), tokens_per_second=round(st.num_input_tokens_seen / seconds, 1) if seconds else 0.0,
                        peak_memory_mb=round(mem.peak_mb, 1), best_val_loss=best[1], best_step=best[0], log_history=st.log_history)
     write_json(out/"sft_result.json", asdict(result))
-    trainer.model = m
     result._trainer = trainer
     return result
 
@@ -283,10 +282,8 @@ def score_answers(answers:list[str], rows:list[dict]) -> dict:
 def quick_eval(model, tokenizer, rows:list[dict], max_new_tokens:int=96, batch_size:int=16,
                drop_system:bool=False) -> tuple[dict, list[str]]:
     "Generate answers for `rows` (their prompt messages, without system prompts if `drop_system`) and score them."
-    was = tokenizer.padding_side
     prompts = [[m for m in r["messages"][:-1] if not (drop_system and m["role"] == "system")] for r in rows]
-    answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    tokenizer.padding_side = was
+    answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)  # restores padding side
     return score_answers(answers, rows), answers
 
 # %% ../nbs/03_sft.ipynb #1a939490
