@@ -9,10 +9,11 @@ from __future__ import annotations
 import argparse, json, sys
 from .core import FinetuneLabError
 from pathlib import Path
-from . import data, models, sft
+from . import data, models, prefs, rlhf, sft
 
 # %% auto #0
-__all__ = ['model_list', 'model_prepare', 'model_generate', 'data_check', 'sft_train', 'main']
+__all__ = ['model_list', 'model_prepare', 'model_generate', 'data_check', 'sft_train', 'dpo_train', 'reward_train', 'ppo_train',
+           'grpo_train', 'main']
 
 # %% ../nbs/08_cli.ipynb #24e1eddb
 def model_list(args):
@@ -74,9 +75,64 @@ def sft_train(args):
           f"best validation loss {res.best_val_loss if res.best_val_loss is None else round(res.best_val_loss, 4)}")
     if args.eval_rows:
         rows = sft.load_splits(args.data, args.seed)["test"][:args.eval_rows]
-        scores, _ = sft.quick_eval(res._trainer.model, models.load_tokenizer(args.model, "generate"), rows)
+        scores, _ = sft.quick_eval(res._trainer.model, models.load_tokenizer(args.model, "generate"), rows, drop_system=cfg.drop_constant_system)
         print(f"held-out test: {scores}")
     print(f"saved: {res.output}")
+
+# %% ../nbs/08_cli.ipynb #f6504da0
+def _check_adapter(path):
+    if path and not (Path(path)/"adapter_config.json").is_file():
+        raise FinetuneLabError(f"--adapter {path}: not a PEFT adapter folder (no adapter_config.json)", fix="pass the adapter folder `finetune-lab sft` saved")
+
+def dpo_train(args):
+    "Preference-tune with DPO; print what was measured and where the adapter is."
+    _check_adapter(args.adapter)
+    cfg = prefs.DPOSettings(beta=args.beta, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
+                            eval_steps=args.eval_steps, seed=args.seed, device=args.device)
+    res = prefs.train_dpo(args.model, args.data, cfg, Path(args.out or "runs/dpo"), adapter=args.adapter, like=args.like,
+                          resume=args.resume, overwrite=args.overwrite, live_plot=False)
+    last = next((h for h in reversed(res.log_history) if "eval_rewards/accuracies" in h), {})
+    print(f"dpo: {res.steps} steps in {res.seconds:.0f} s ({res.seconds_per_step} s/step), peak memory {res.peak_memory_mb:.0f} MB, "
+          f"reference: {res.reference} ({res.reference_params:,} extra parameters); "
+          f"validation margin {last.get('eval_rewards/margins', float('nan')):.3f}, reward accuracy {last.get('eval_rewards/accuracies', float('nan')):.3f}")
+    print(f"saved: {res.output}")
+
+def reward_train(args):
+    "Train a reward model; print its held-out pair accuracy and where it is."
+    _check_adapter(args.adapter)
+    cfg = rlhf.RewardSettings(max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr, eval_steps=args.eval_steps,
+                              seed=args.seed, device=args.device)
+    res = rlhf.train_reward(args.model, args.data, cfg, Path(args.out or "runs/reward"), adapter=args.adapter, like=args.like,
+                            resume=args.resume, overwrite=args.overwrite, live_plot=False)
+    test = prefs.drop_constant_system_pairs(prefs.load_preferences(args.data, like=args.like, seed=args.seed))["test"]
+    acc = rlhf.pair_accuracy(res._model, models.load_tokenizer(args.model, "train"), test)["accuracy"] if test else None
+    print(f"reward model: {res.steps} steps in {res.seconds:.0f} s, peak memory {res.peak_memory_mb:.0f} MB, held-out pair accuracy {acc}")
+    print(f"saved: {res.output}")
+
+def _online(args, method):
+    _check_adapter(args.adapter)
+    rows = sft.load_splits(args.data, args.seed)
+    train, probe = rlhf.prompt_rows(rows["train"]), rlhf.prompt_rows(rows.get("test", [])[:args.eval_rows])
+    out = Path(args.out or f"runs/{method}")
+    if method == "ppo":
+        if not args.reward or not (Path(args.reward)/"config.json").is_file():
+            raise FinetuneLabError(f"--reward {args.reward}: not a reward model folder", fix="pass the model folder `finetune-lab reward` saved (<out>/model)")
+        cfg = rlhf.PPOSettings(max_steps=args.max_steps, learning_rate=args.lr or rlhf.PPOSettings.learning_rate, kl_coef=args.kl, seed=args.seed, device=args.device)
+        res = rlhf.train_ppo(args.model, train, args.reward, cfg, out, adapter=args.adapter, probe_prompts=probe, overwrite=args.overwrite)
+    else:
+        cfg = rlhf.GRPOSettings(max_steps=args.max_steps, learning_rate=args.lr or rlhf.GRPOSettings.learning_rate, beta=args.kl, seed=args.seed, device=args.device)
+        res = rlhf.train_grpo(args.model, train, cfg, out, adapter=args.adapter, probe_prompts=probe, overwrite=args.overwrite)
+    if res.probe: print(f"held-out rule reward: {res.probe[0]['rule_reward']:.3f} -> {res.probe[-1]['rule_reward']:.3f}")
+    print(f"{method}: {res.steps} steps in {res.seconds:.0f} s, peak memory {res.peak_memory_mb:.0f} MB")
+    print(f"saved: {res.output}")
+
+def ppo_train(args):
+    "Optimise the SFT policy against a reward model with PPO."
+    _online(args, "ppo")
+
+def grpo_train(args):
+    "Optimise the SFT policy against the rule reward with GRPO."
+    _online(args, "grpo")
 
 # %% ../nbs/08_cli.ipynb #249a0668
 def _parser() -> argparse.ArgumentParser:
@@ -118,19 +174,55 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--method", default="lora", choices=sft.METHODS)
     s.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder or hub id")
     s.add_argument("--out", help="run folder (default: runs/sft/<method>)")
-    s.add_argument("--max-steps", type=int, default=60)
-    s.add_argument("--batch-size", type=int, default=8)
+    s.add_argument("--max-steps", type=int, default=sft.SFTSettings.max_steps)
+    s.add_argument("--batch-size", type=int, default=sft.SFTSettings.batch_size)
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--lr", type=float, help="learning rate (default: per method)")
-    s.add_argument("--lora-r", type=int, default=16)
-    s.add_argument("--eval-steps", type=int, default=10, help="validation loss and a checkpoint every N steps")
-    s.add_argument("--patience", type=int, default=3, help="early-stopping patience in evaluations (0: off)")
+    s.add_argument("--lora-r", type=int, default=sft.SFTSettings.lora_r)
+    s.add_argument("--eval-steps", type=int, default=sft.SFTSettings.eval_steps, help="validation loss and a checkpoint every N steps")
+    s.add_argument("--patience", type=int, default=sft.SFTSettings.patience, help="early-stopping patience in evaluations (0: off)")
     s.add_argument("--eval-rows", type=int, default=0, help="score this many held-out test rows after training")
     s.add_argument("--seed", type=int, default=42)
     s.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     s.add_argument("--resume", action="store_true", help="continue a killed run from its last complete checkpoint")
     s.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     s.set_defaults(func=sft_train)
+    def common(v, data_help, steps):
+        v.add_argument("--data", required=True, help=data_help)
+        v.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder or hub id")
+        v.add_argument("--adapter", help="the SFT adapter folder to start from")
+        v.add_argument("--out", help="run folder")
+        v.add_argument("--max-steps", type=int, default=steps)
+        v.add_argument("--seed", type=int, default=42)
+        v.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+        v.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
+    pref_help = "preference pairs: prompt/chosen/rejected or Human:/Assistant: transcripts"
+    dp = verbs.add_parser("dpo", help="direct preference optimisation from preference pairs")
+    common(dp, pref_help, prefs.DPOSettings.max_steps)
+    dp.add_argument("--like", help="SFT data whose train/val/test split the pairs follow")
+    dp.add_argument("--beta", type=float, default=prefs.DPOSettings.beta)
+    dp.add_argument("--batch-size", type=int, default=prefs.DPOSettings.batch_size)
+    dp.add_argument("--lr", type=float, default=prefs.DPOSettings.learning_rate)
+    dp.add_argument("--eval-steps", type=int, default=prefs.DPOSettings.eval_steps)
+    dp.add_argument("--resume", action="store_true", help="continue a killed run from its last complete checkpoint")
+    dp.set_defaults(func=dpo_train)
+    rw = verbs.add_parser("reward", help="train a reward model on preference pairs")
+    common(rw, pref_help, rlhf.RewardSettings.max_steps)
+    rw.add_argument("--like", help="SFT data whose train/val/test split the pairs follow")
+    rw.add_argument("--batch-size", type=int, default=rlhf.RewardSettings.batch_size)
+    rw.add_argument("--lr", type=float, default=rlhf.RewardSettings.learning_rate)
+    rw.add_argument("--eval-steps", type=int, default=rlhf.RewardSettings.eval_steps)
+    rw.add_argument("--resume", action="store_true", help="continue a killed run from its last complete checkpoint")
+    rw.set_defaults(func=reward_train)
+    for verb, fn, help_, kl in (("ppo", ppo_train, "PPO against a reward model (trl.experimental.ppo)", rlhf.PPOSettings.kl_coef),
+                                ("grpo", grpo_train, "GRPO against the rule-based ticket reward", rlhf.GRPOSettings.beta)):
+        v = verbs.add_parser(verb, help=help_)
+        common(v, "SFT data (chat rows with JSON answers): prompts and labels", rlhf.PPOSettings.max_steps)
+        if verb == "ppo": v.add_argument("--reward", help="the reward model folder `finetune-lab reward` saved")
+        v.add_argument("--lr", type=float, help="learning rate (default: the method's)")
+        v.add_argument("--kl", type=float, default=kl, help="KL coefficient toward the SFT reference")
+        v.add_argument("--eval-rows", type=int, default=16, help="held-out prompts probed before and after")
+        v.set_defaults(func=fn)
     return p
 
 def main(argv:list[str]=None # the arguments (default: `sys.argv[1:]`)

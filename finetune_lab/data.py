@@ -116,7 +116,8 @@ def detect_format(rec:dict) -> str|None:
     "The format of one raw record, from its keys (None if unknown)."
     keys = set(rec)
     if "messages" in keys: return "chat"
-    if {"chosen", "rejected"} <= keys: return "preference" if "prompt" in keys else "transcript"
+    if {"chosen", "rejected"} <= keys:  # transcripts carry the prompt inside; a pair without one is still a (defective) pair
+        return "transcript" if "prompt" not in keys and isinstance(rec["chosen"], str) and _TURN.search(rec["chosen"]) else "preference"
     if {"instruction", "output"} <= keys: return "alpaca"
     if {"prompt", "completion"} <= keys: return "prompt_completion"
     return None
@@ -172,7 +173,8 @@ def normalise(rec:dict, where:str, fmt:str="auto") -> dict:
     if fmt == "prompt_completion":
         return {"messages": _messages(rec.get("prompt"), where, "prompt", "user") + _messages(rec.get("completion"), where, "completion", "assistant"), "meta": meta}
     if fmt == "preference":
-        prompt = _messages(rec.get("prompt"), where, "prompt", "user")
+        p = rec.get("prompt")
+        prompt = [] if p is None or p == [] or (isinstance(p, str) and not p.strip()) else _messages(p, where, "prompt", "user")  # missing: quarantined by the checks
         return {"prompt": prompt, "chosen": _messages(rec.get("chosen"), where, "chosen", "assistant"),
                 "rejected": _messages(rec.get("rejected"), where, "rejected", "assistant"), "meta": meta}
     if fmt == "transcript":
@@ -233,6 +235,7 @@ def check_answer(row:dict, schema:dict|None=TICKET_SCHEMA) -> tuple[str, str]|No
     texts = [answer_text(row)] + ([row["rejected"][-1]["content"]] if "rejected" in row else [])
     if any(not t.strip() for t in texts): return ("empty_output", "the answer is empty or whitespace")
     if "rejected" in row and texts[0].strip() == texts[1].strip(): return ("identical_pair", "chosen and rejected are the same")
+    if "rejected" in row and not any(m["content"].strip() for m in row["prompt"]): return ("missing_prompt", "the pair has no prompt")
     if schema is None: return None
     try: obj = json.loads(texts[0])
     except ValueError as e: return ("invalid_output", f"not JSON: {e.msg} at column {e.colno}")
@@ -424,7 +427,7 @@ class DataConfig:
     model_name:str = "smollm2-135m-instruct"  # whose tokenizer counts tokens
 
 # %% ../nbs/02_data.ipynb #841217c5
-REMOVING = ("empty_output", "identical_pair", "invalid_output", "too_short", "too_long", "exact_duplicates", "near_duplicates", "label_conflicts")
+REMOVING = ("empty_output", "identical_pair", "missing_prompt", "invalid_output", "too_short", "too_long", "exact_duplicates", "near_duplicates", "label_conflicts")
 
 @dataclass
 class QualityReport:
@@ -497,7 +500,7 @@ def check_dataset(source,                    # a path or a `datasets.Dataset`
     quarantine = [{"line": rows[i]["line"], "reasons": [c for c, _ in rs], "details": [d for _, d in rs], "row": rows[i]}
                   for i, rs in sorted(reasons.items())]
     counts = Counter(c for rs in reasons.values() for c, _ in rs)
-    counts = {c: counts.get(c, 0) for c in REMOVING if c != "identical_pair" or "chosen" in rows[0]}
+    counts = {c: counts.get(c, 0) for c in REMOVING if c not in ("identical_pair", "missing_prompt") or "chosen" in rows[0]}
     counts.update(pii=len(pii), leakage=sum(len(g) - 1 for g in related))
     examples = defaultdict(list)
     for i, rs in sorted(reasons.items()):

@@ -230,6 +230,21 @@ def load_model(name:str=DEFAULT_MODEL, # registry name, local folder or hub id
     return (model.train() if purpose == "train" else model.eval()), tok
 
 # %% ../nbs/01_models.ipynb #54a17480
+def _soft_prompt_generate(model, enc, **kw):
+    "Generate with a PEFT prompt-tuned `model`: its virtual tokens go in once, as input embeddings; returns only the new tokens."
+    # peft 0.21's own generate looks for `past_key_values`, which transformers 5 renamed `cache`, so it
+    # re-inserts the virtual tokens at every decoding step (slow, and the answers are wrong); see 03_sft.
+    import torch
+    base = model.get_base_model()
+    tokens = base.get_input_embeddings()(enc["input_ids"])
+    soft = model.get_prompt(batch_size=tokens.shape[0]).to(tokens.dtype)
+    mask = torch.cat([enc["attention_mask"].new_ones(soft.shape[:2]), enc["attention_mask"]], 1)
+    return base.generate(inputs_embeds=torch.cat([soft, tokens], 1), attention_mask=mask, **kw)
+
+def _is_soft_prompt(model) -> bool:
+    cfg = getattr(model, "active_peft_config", None)
+    return bool(cfg and cfg.peft_type == "PROMPT_TUNING")
+
 def generate(model, tokenizer,
              conversations:list,     # message lists, or strings taken as one user message each
              max_new_tokens:int=128,
@@ -249,9 +264,10 @@ def generate(model, tokenizer,
         for i in progress(batches, desc="generating", unit="batch", disable=None if len(batches) > 1 else True):
             enc = tokenizer.apply_chat_template(convos[i:i+batch_size], add_generation_prompt=True, padding=True,
                                                 return_tensors="pt", return_dict=True).to(model.device)
+            kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
             with torch.no_grad():
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
-            answers += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+                if _is_soft_prompt(model): new = _soft_prompt_generate(model, enc, **kw)
+                else: new = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally: tokenizer.padding_side = side
     return [a.strip() for a in answers]

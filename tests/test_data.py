@@ -131,8 +131,12 @@ def test_preference_defects_are_reported_not_crashed(tok, tmp_path):
     rep = check_dataset(f, DataConfig(schema=None), tokenizer=tok).report
     assert rep.counts["identical_pair"] == 1 and rep.counts["empty_output"] == 1
     assert rep.rows_kept == 2
-    missing = tmp_path/"missing_prompt.jsonl"; missing.write_text(json.dumps({"chosen": "a", "rejected": "b"}) + "\n")
-    with pytest.raises(FinetuneLabError, match=r"missing_prompt.jsonl:1 .*transcript"): load_rows(missing)
+    missing = tmp_path/"missing_prompt.jsonl"                      # a pair without a prompt: quarantined, not an error
+    missing.write_text("\n".join(json.dumps(r) for r in [good, {"chosen": "a", "rejected": "b"}, {**good, "prompt": ""}]) + "\n")
+    check = check_dataset(missing, DataConfig(schema=None), tokenizer=tok)
+    assert check.report.counts["missing_prompt"] == 2 and [q["line"] for q in check.quarantine] == [2, 3]
+    broken = tmp_path/"broken_transcript.jsonl"; broken.write_text(json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}) + "\n")
+    with pytest.raises(FinetuneLabError, match=r"broken_transcript.jsonl:1: .*Assistant turn"): load_rows(broken)
 
 
 def test_pii():

@@ -6,7 +6,7 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from finetune_lab.core import FinetuneLabError
 from finetune_lab.data import check_answer, load_rows
 from finetune_lab.models import load_tokenizer, prepare_model
-from finetune_lab.sft import (DONE, SFTSettings, last_checkpoint, method_unavailable, quick_eval, score_answers, to_prompt_completion,
+from finetune_lab.sft import (DONE, SFTSettings, last_checkpoint, method_unavailable, peft_config, quick_eval, score_answers, to_prompt_completion,
                               train_sft, _trainer)
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -117,3 +117,24 @@ def test_cli_sft_and_its_errors(tmp_path):
     if not torch.cuda.is_available():
         q = run("--data", data, "--model", "tiny", "--method", "qlora")
         assert q.returncode == 0 and "skipped qlora" in q.stdout
+
+
+def test_prompt_tuned_generation_matches_step_by_step_decoding():
+    "Our soft-prompt path gives the logits of a full forward pass at every step, padded rows included (peft's own generate drifts)."
+    from peft import get_peft_model
+    from finetune_lab.models import _soft_prompt_generate
+    path, tok = prepare_model("tiny"), load_tokenizer("tiny", "generate")
+    torch.manual_seed(0)
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(path), peft_config(SFTSettings(method="prompt"), path)).eval()
+    with torch.no_grad(): m.prompt_encoder.default.embedding.weight.normal_(0, 1.0)
+    convs = [[{"role": "user", "content": q}] for q in ("hello there", "a much longer question about the shipping of my order")]
+    enc = tok.apply_chat_template(convs, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        out = _soft_prompt_generate(m, enc, max_new_tokens=4, min_new_tokens=4, do_sample=False, output_logits=True,
+                                    return_dict_in_generate=True, pad_token_id=tok.pad_token_id)
+    for b, conv in enumerate(convs):
+        ids = tok.apply_chat_template(conv, add_generation_prompt=True, return_tensors="pt", return_dict=True)["input_ids"]
+        for t in range(4):
+            with torch.no_grad(): ref = m(input_ids=ids, attention_mask=torch.ones_like(ids)).logits[0, -1]
+            assert torch.allclose(out.logits[t][b], ref, atol=1e-4)
+            ids = torch.cat([ids, out.sequences[b:b+1, t:t+1]], 1)

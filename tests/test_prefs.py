@@ -1,0 +1,85 @@
+import json, subprocess, sys
+from pathlib import Path
+import pytest
+import torch
+from finetune_lab.core import FinetuneLabError
+from finetune_lab.data import DataConfig, check_dataset, load_rows
+from finetune_lab.models import load_tokenizer, prepare_model
+from finetune_lab.prefs import DPOSettings, follow_splits, load_preferences, preference_accuracy, train_dpo
+from finetune_lab.sft import SFTSettings, train_sft
+
+ROOT = Path(__file__).resolve().parent.parent
+FIX = ROOT/"tests"/"fixtures"
+EXE = Path(sys.executable).parent/"finetune-lab"
+
+
+@pytest.fixture(scope="module")
+def pairs():
+    rows = load_rows(ROOT/"data"/"tickets_prefs.jsonl")[:60]
+    return {"train": rows[:40], "val": rows[40:48], "test": rows[48:60]}
+
+
+@pytest.fixture(scope="module")
+def sft_adapter(tmp_path_factory):
+    out = tmp_path_factory.mktemp("sft")
+    rows = [r for r in load_rows(ROOT/"data"/"tickets_raw.jsonl")[:60] if "{" in r["messages"][-1]["content"]]
+    return train_sft("tiny", {"train": rows[:32], "val": rows[32:36]}, SFTSettings(max_steps=2, eval_steps=1, eval_rows=4), out, live_plot=False).output
+
+
+def test_bad_pairs_are_quarantined_with_reasons_not_crashed_on():
+    check = check_dataset(FIX/"bad_prefs.jsonl", DataConfig(model_name="tiny"))
+    counts = check.report.counts
+    assert counts["identical_pair"] == 1 and counts["empty_output"] == 1 and counts["missing_prompt"] == 2
+    assert len(check.kept) == 3 and len(check.quarantine) == 4
+    assert sorted(q["line"] for q in check.quarantine) == [4, 5, 6, 7]
+
+
+def test_pairs_follow_the_sft_split():
+    sft = {"train": [{"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "x"}], "meta": {"phrasing": "f1"}}],
+           "test": [{"messages": [{"role": "user", "content": "b"}, {"role": "assistant", "content": "x"}], "meta": {"phrasing": "f2"}}]}
+    pair = lambda text, fam: {"prompt": [{"role": "user", "content": text}], "chosen": [{"role": "assistant", "content": "y"}],
+                              "rejected": [{"role": "assistant", "content": "z"}], "meta": {"phrasing": fam}}
+    splits, moved = follow_splits({"train": [pair("b", "f9"), pair("c", "f2"), pair("d", "f7")], "test": [pair("a", "f1")]}, sft)
+    assert moved == 3
+    assert [p["prompt"][0]["content"] for p in splits["test"]] == ["b", "c"]   # by prompt, then by family
+    assert [p["prompt"][0]["content"] for p in splits["train"]] == ["d", "a"]  # unknown family stays; "a" is an SFT training ticket
+
+
+def test_preference_accuracy_is_complemented_by_swapping(pairs):
+    from transformers import AutoModelForCausalLM
+    m, tok = AutoModelForCausalLM.from_pretrained(prepare_model("tiny")), load_tokenizer("tiny", "train")
+    a = preference_accuracy(m, tok, pairs["test"])
+    b = preference_accuracy(m, tok, [{**p, "chosen": p["rejected"], "rejected": p["chosen"]} for p in pairs["test"]])
+    assert abs(a["accuracy"] + b["accuracy"] - 1) < 1e-9 and set(a["by_rejection"]) <= {"wrong_category", "invalid_json", "chatty_prose", "wrong_product"}
+
+
+def test_dpo_from_an_sft_adapter_keeps_no_second_model_and_saves_a_peft_adapter(pairs, sft_adapter, tmp_path):
+    from peft import AutoPeftModelForCausalLM
+    res = train_dpo("tiny", pairs, DPOSettings(max_steps=2, batch_size=2, eval_steps=1, eval_rows=4), tmp_path/"dpo", adapter=sft_adapter, live_plot=False)
+    assert res.steps == 2 and res._trainer.ref_model is None
+    assert 0 < res.reference_params < res.total_params / 10            # a frozen adapter copy, not a second model
+    assert any("eval_rewards/margins" in h for h in res.log_history)
+    assert not (Path(res.output)/"ref").exists()
+    m = AutoPeftModelForCausalLM.from_pretrained(res.output)
+    assert sum(p.numel() for n, p in m.named_parameters() if "lora_" in n) > 0
+
+
+def test_transcript_pairs_load_and_train_dpo(tmp_path):
+    splits = load_preferences(FIX/"hh_transcripts.jsonl")
+    rows = [r for v in splits.values() for r in v]
+    assert rows and all(r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant" for r in rows)
+    res = train_dpo("tiny", {"train": rows, "val": rows[:1]}, DPOSettings(max_steps=1, batch_size=2, eval_steps=1), tmp_path/"hh", live_plot=False)
+    assert res.steps == 1 and res.reference_params == 0              # fresh adapter: the reference is the base, adapter disabled
+
+
+def test_sft_rows_are_not_preference_data():
+    with pytest.raises(FinetuneLabError, match="not preference data"): load_preferences(FIX/"chat.jsonl")
+
+
+def test_cli_dpo_and_its_errors(sft_adapter, tmp_path):
+    run = lambda *a: subprocess.run([str(EXE), "dpo", *map(str, a)], capture_output=True, text=True, timeout=600)
+    r = run("--data", FIX/"hh_transcripts.jsonl", "--model", "tiny", "--max-steps", "1", "--batch-size", "2", "--out", tmp_path/"a", "--adapter", sft_adapter)
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path/"a"/"adapter"/"adapter_config.json").is_file() and "reference: a frozen copy" in r.stdout
+    bad = run("--data", FIX/"hh_transcripts.jsonl", "--model", "tiny", "--adapter", tmp_path, "--out", tmp_path/"b")
+    assert bad.returncode == 2 and "not a PEFT adapter folder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
