@@ -12,11 +12,11 @@ from pathlib import Path
 from .core import FinetuneLabError, atomic_path, get_device, precision_kwargs, progress, seed_everything, write_json
 from . import data as fl_data
 from .models import load_tokenizer, prepare_model
-from .sft import LivePlot, MarkComplete, PeakMemory, last_checkpoint, load_splits
+from .sft import LivePlot, MarkComplete, PeakMemory, claim_out_dir, last_checkpoint, load_splits
 
 # %% auto #0
 __all__ = ['follow_splits', 'load_preferences', 'drop_constant_system_pairs', 'answer_logps', 'preference_accuracy',
-           'DPOSettings', 'DPOResult', 'train_dpo', 'plot_dpo']
+           'DPOSettings', 'DPOResult', 'training_pairs', 'train_dpo', 'plot_dpo']
 
 # %% ../nbs/04_dpo.ipynb #14a77504
 def _family(row:dict, key:str) -> str|None: return (row.get("meta") or {}).get(key)
@@ -127,6 +127,12 @@ class DPOResult:
     reference_params:int                # parameters held only for the reference
     log_history:list = field(default_factory=list, repr=False)
 
+def training_pairs(data, like=None, seed:int=42, drop_system:bool=True) -> dict[str, list[dict]]:
+    "Checked, split preference pairs for a trainer (see `load_preferences`); refuses an empty training split."
+    splits = load_preferences(data, like=like, seed=seed)
+    if not splits.get("train"): raise FinetuneLabError("no preference pairs to train on", fix="check the data path and the data report")
+    return drop_constant_system_pairs(splits) if drop_system else splits
+
 def _dpo_rows(rows:list[dict]):
     from datasets import Dataset
     return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
@@ -146,15 +152,10 @@ def train_dpo(model:str,                 # registry name, local folder or hub id
     from trl import DPOConfig, DPOTrainer
     cfg = config or DPOSettings()
     device = get_device(cfg.device)
-    splits = load_preferences(data, like=like, seed=cfg.seed)
-    if not splits.get("train"): raise FinetuneLabError("no preference pairs to train on", fix="check the data path and the data report")
-    if cfg.drop_constant_system: splits = drop_constant_system_pairs(splits)
+    splits = training_pairs(data, like, cfg.seed, cfg.drop_constant_system)
     if adapter is not None and not (Path(adapter)/"adapter_config.json").is_file():
         raise FinetuneLabError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)", fix="pass the adapter folder `finetune-lab sft` saved")
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FinetuneLabError(f"{out} already holds a run", fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite), or another --out")
-    if overwrite and not resume and out.exists(): shutil.rmtree(out)
+    out = claim_out_dir(out_dir, resume, overwrite)
     seed_everything(cfg.seed)
     tok = load_tokenizer(model, "train")
     base = AutoModelForCausalLM.from_pretrained(prepare_model(model), dtype=__import__("torch").float32)

@@ -15,9 +15,9 @@ from .models import MODELS, generate, load_tokenizer, prepare_model
 
 # %% auto #0
 __all__ = ['METHODS', 'DEFAULT_LR', 'DONE', 'to_prompt_completion', 'load_splits', 'drop_constant_system', 'SFTSettings',
-           'method_unavailable', 'peft_config', 'load_base', 'MarkComplete', 'last_checkpoint', 'LivePlot',
-           'PeakMemory', 'SFTResult', 'train_sft', 'score_answers', 'quick_eval', 'compare_methods', 'plot_comparison',
-           'perplexity']
+           'method_unavailable', 'peft_config', 'load_base', 'MarkComplete', 'last_checkpoint', 'claim_out_dir',
+           'LivePlot', 'PeakMemory', 'SFTResult', 'train_sft', 'score_answers', 'quick_eval', 'compare_methods',
+           'plot_comparison', 'perplexity']
 
 # %% ../nbs/03_sft.ipynb #2ab47b54
 def to_prompt_completion(rows:list[dict]):
@@ -143,6 +143,14 @@ def last_checkpoint(folder:Path) -> Path|None:
     done = [p for p in cks if (p/DONE).is_file()]
     return done[-1] if done else None
 
+def claim_out_dir(out_dir:str|Path, resume:bool=False, overwrite:bool=False) -> Path:
+    "The run folder `out_dir`, refusing to mix runs: a folder holding a run needs `resume` (continue it) or `overwrite` (start again)."
+    out = Path(out_dir)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise FinetuneLabError(f"{out} already holds a run", fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite), or another --out")
+    if overwrite and not resume and out.exists(): shutil.rmtree(out)
+    return out
+
 # %% ../nbs/03_sft.ipynb #d8a2a0e9
 class LivePlot(TrainerCallback):
     "Redraw train/validation loss in the notebook at every log (does nothing outside Jupyter)."
@@ -219,10 +227,7 @@ def train_sft(model:str,                 # registry name, local folder or hub id
     splits = load_splits(data, cfg.seed)
     if not splits.get("train"): raise FinetuneLabError("no training rows", fix="check the data path")
     if cfg.drop_constant_system: splits, _ = drop_constant_system(splits)
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FinetuneLabError(f"{out} already holds a run", fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite), or another --out")
-    if overwrite and not resume and out.exists(): shutil.rmtree(out)
+    out = claim_out_dir(out_dir, resume, overwrite)
     val = splits.get("val", [])[:cfg.eval_rows]
     seed_everything(cfg.seed)
     model_path = prepare_model(model)
