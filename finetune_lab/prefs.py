@@ -15,8 +15,8 @@ from .models import load_tokenizer, prepare_model
 from .sft import LivePlot, MarkComplete, PeakMemory, claim_out_dir, last_checkpoint, load_splits
 
 # %% auto #0
-__all__ = ['follow_splits', 'load_preferences', 'drop_constant_system_pairs', 'answer_logps', 'preference_accuracy',
-           'DPOSettings', 'DPOResult', 'training_pairs', 'train_dpo', 'plot_dpo']
+__all__ = ['follow_splits', 'load_preferences', 'drop_constant_system_pairs', 'answer_logps', 'pair_summary',
+           'preference_accuracy', 'DPOSettings', 'DPOResult', 'training_pairs', 'train_dpo', 'plot_dpo']
 
 # %% ../nbs/04_dpo.ipynb #14a77504
 def _family(row:dict, key:str) -> str|None: return (row.get("meta") or {}).get(key)
@@ -79,17 +79,21 @@ def answer_logps(model, tokenizer, prompts:list[list[dict]], answers:list[list[d
         out += (logp * target[:, 1:].to(model.device)).sum(-1).tolist()
     return out
 
-def preference_accuracy(model, tokenizer, pairs:list[dict], batch_size:int=8, by:str|None="rejection") -> dict:
-    "Share of pairs whose chosen answer the model finds more likely than the rejected one (overall and by `meta[by]`)."
-    chosen = answer_logps(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], batch_size)
-    rejected = answer_logps(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], batch_size)
+def pair_summary(pairs:list[dict], chosen:list[float], rejected:list[float], by:str|None="rejection") -> dict:
+    "Share of pairs whose chosen answer scores above the rejected one, overall and by `meta[by]`."
     wins = [c > r for c, r in zip(chosen, rejected)]
-    res = {"n": len(pairs), "accuracy": round(sum(wins) / len(pairs), 3), "mean_margin": round(sum(c - r for c, r in zip(chosen, rejected)) / len(pairs), 2)}
+    res = {"n": len(pairs), "accuracy": round(sum(wins) / len(pairs), 3)}
     if by:
         groups = {}
         for p, w in zip(pairs, wins): groups.setdefault(_family(p, by), []).append(w)
         res["by_" + by] = {k: round(sum(v) / len(v), 3) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
     return res
+
+def preference_accuracy(model, tokenizer, pairs:list[dict], batch_size:int=8, by:str|None="rejection") -> dict:
+    "Share of pairs whose chosen answer the model finds more likely than the rejected one (overall and by `meta[by]`)."
+    chosen = answer_logps(model, tokenizer, [p["prompt"] for p in pairs], [p["chosen"] for p in pairs], batch_size)
+    rejected = answer_logps(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], batch_size)
+    return {**pair_summary(pairs, chosen, rejected, by), "mean_margin": round(sum(c - r for c, r in zip(chosen, rejected)) / len(pairs), 2)}
 
 # %% ../nbs/04_dpo.ipynb #679c5aed
 @dataclass
@@ -145,6 +149,7 @@ def train_dpo(model:str,                 # registry name, local folder or hub id
               like=None,                 # SFT data whose split the pairs follow
               resume:bool=False, overwrite:bool=False, live_plot:bool=True) -> DPOResult:
     "Preference-tune `model` (+ `adapter`) on pairs with TRL's DPOTrainer; saves a PEFT adapter under `out_dir`."
+    import torch
     from peft import LoraConfig, PeftModel, TaskType
     from torch.utils.tensorboard import SummaryWriter
     from transformers import AutoModelForCausalLM
@@ -158,7 +163,7 @@ def train_dpo(model:str,                 # registry name, local folder or hub id
     out = claim_out_dir(out_dir, resume, overwrite)
     seed_everything(cfg.seed)
     tok = load_tokenizer(model, "train")
-    base = AutoModelForCausalLM.from_pretrained(prepare_model(model), dtype=__import__("torch").float32)
+    base = AutoModelForCausalLM.from_pretrained(prepare_model(model), dtype=torch.float32)
     if adapter is not None: policy, pc, reference = PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None, "a frozen copy of the SFT adapter on the same base weights"
     else: policy, pc, reference = base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type=TaskType.CAUSAL_LM), "the base weights with the adapter disabled"
     val = splits.get("val", [])[:cfg.eval_rows]
