@@ -13,7 +13,7 @@ from . import data, models, prefs, rlhf, sft
 
 # %% auto #0
 __all__ = ['model_list', 'model_prepare', 'model_generate', 'data_check', 'sft_train', 'dpo_train', 'reward_train', 'ppo_train',
-           'grpo_train', 'main']
+           'grpo_train', 'eval_models', 'main']
 
 # %% ../nbs/08_cli.ipynb #24e1eddb
 def model_list(args):
@@ -87,7 +87,7 @@ def _check_adapter(path):
 def dpo_train(args):
     "Preference-tune with DPO; print what was measured and where the adapter is."
     _check_adapter(args.adapter)
-    cfg = prefs.DPOSettings(beta=args.beta, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
+    cfg = prefs.DPOSettings(beta=args.beta, sft_weight=args.sft_weight, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
                             eval_steps=args.eval_steps, seed=args.seed, device=args.device)
     res = prefs.train_dpo(args.model, args.data, cfg, Path(args.out or "runs/dpo"), adapter=args.adapter, like=args.like,
                           resume=args.resume, overwrite=args.overwrite, live_plot=False)
@@ -133,6 +133,37 @@ def ppo_train(args):
 def grpo_train(args):
     "Optimise the SFT policy against the rule reward with GRPO."
     _online(args, "grpo")
+
+# %% ../nbs/08_cli.ipynb #22c4fc65
+def _stage_name(spec:str) -> str:
+    "A short stage name for a model spec: the registry name, or the run folder (`runs/sft/lora/adapter` -> `sft/lora`)."
+    p = Path(spec)
+    if not p.exists(): return spec
+    p = p.resolve(); p = p.parent if p.name in ("adapter", "model") else p
+    return "/".join(p.parts[-2:])
+
+def eval_models(args):
+    "Evaluate models on the held-out test rows; print the table (or JSON); merge into <out>/metrics.json."
+    import pandas as pd
+    from finetune_lab import evaluate
+    specs = {}
+    for s in args.models:
+        name, path = (s.split("=", 1) if "=" in s and not Path(s).exists() else (_stage_name(s), s))
+        specs[name] = path
+    for path in specs.values(): evaluate.resolve_model(path)    # one line, status 2, before any model loads
+    data_path = args.data or "data/tickets_raw.jsonl"
+    if not Path(data_path).exists(): raise FinetuneLabError(f"--data {data_path}: no such file", fix="pass --data with SFT-format rows (the held-out test split is used)")
+    rows = sft.load_splits(data_path, args.seed).get("test", [])[:args.rows or None]
+    if not rows: raise FinetuneLabError(f"--data {data_path}: no test rows after the data checks", fix="pass data with enough rows for a test split")
+    probe = [t.strip() for t in Path(args.probe).read_text().split("\n\n") if t.strip()] if args.probe else []
+    out = Path(args.out or "runs/eval")
+    table, _ = evaluate.compare(specs, rows, out, args.bias_rows, probe, evaluate.GenSettings(max_new_tokens=args.max_new_tokens), args.device)
+    if args.json:
+        print(json.dumps({"models": {k: v for k, v in json.loads((out/"metrics.json").read_text())["models"].items() if k in specs}}, indent=1))
+    else:
+        with pd.option_context("display.width", 200, "display.max_columns", 30):
+            print(table.drop(columns=["generated", "seconds"]).astype(float).round(3).T.to_string())
+        print(f"saved: {out/'metrics.json'}")
 
 # %% ../nbs/08_cli.ipynb #249a0668
 def _parser() -> argparse.ArgumentParser:
@@ -201,6 +232,7 @@ def _parser() -> argparse.ArgumentParser:
     common(dp, pref_help, prefs.DPOSettings.max_steps)
     dp.add_argument("--like", help="SFT data whose train/val/test split the pairs follow")
     dp.add_argument("--beta", type=float, default=prefs.DPOSettings.beta)
+    dp.add_argument("--sft-weight", type=float, default=prefs.DPOSettings.sft_weight, help="add the SFT loss on chosen answers with this weight (RPO); 0: plain DPO")
     dp.add_argument("--batch-size", type=int, default=prefs.DPOSettings.batch_size)
     dp.add_argument("--lr", type=float, default=prefs.DPOSettings.learning_rate)
     dp.add_argument("--eval-steps", type=int, default=prefs.DPOSettings.eval_steps)
@@ -223,6 +255,18 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("--kl", type=float, default=kl, help="KL coefficient toward the SFT reference")
         v.add_argument("--eval-rows", type=int, default=16, help="held-out prompts probed before and after")
         v.set_defaults(func=fn)
+    ev = verbs.add_parser("eval", help="evaluate models and adapters on held-out tickets (task, text, perplexity, safety)")
+    ev.add_argument("models", nargs="+", metavar="MODEL_OR_ADAPTER", help="a model name, a model folder or an adapter folder; NAME=PATH names the stage")
+    ev.add_argument("--data", help="SFT-format data whose test split is evaluated (default: data/tickets_raw.jsonl)")
+    ev.add_argument("--out", help="folder for metrics.json and the generation cache (default: runs/eval)")
+    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
+    ev.add_argument("--rows", type=int, default=0, help="evaluate only the first N test rows (0: all)")
+    ev.add_argument("--bias-rows", type=int, default=32, help="test rows turned into counterfactual pairs")
+    ev.add_argument("--probe", help="a text file of paragraphs for general-text perplexity (forgetting)")
+    ev.add_argument("--max-new-tokens", type=int, default=96)
+    ev.add_argument("--seed", type=int, default=42)
+    ev.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
+    ev.set_defaults(func=eval_models)
     return p
 
 def main(argv:list[str]=None # the arguments (default: `sys.argv[1:]`)

@@ -83,3 +83,29 @@ def test_cli_dpo_and_its_errors(sft_adapter, tmp_path):
     assert (tmp_path/"a"/"adapter"/"adapter_config.json").is_file() and "reference: a frozen copy" in r.stdout
     bad = run("--data", FIX/"hh_transcripts.jsonl", "--model", "tiny", "--adapter", tmp_path, "--out", tmp_path/"b")
     assert bad.returncode == 2 and "not a PEFT adapter folder" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1
+
+
+def test_mistake_pairs_from_a_models_wrong_answers():
+    from finetune_lab.prefs import mistake_pairs
+    gold = {"category": "billing", "priority": "low", "product": "PulseFit watch", "sentiment": "neutral", "summary": "Customer wants an invoice."}
+    row = {"messages": [{"role": "system", "content": "S"}, {"role": "user", "content": "invoice for my PulseFit watch?"},
+                        {"role": "assistant", "content": json.dumps(gold)}], "meta": {"phrasing": "billing/x/1"}}
+    answers = [json.dumps(gold),                                              # right: no pair
+               json.dumps({**gold, "summary": "Other words, same facts."}),  # only the summary differs: no pair
+               json.dumps({**gold, "category": "refund", "priority": "high", "summary": "x"}),
+               "Sure! Billing.", "   "]
+    got = mistake_pairs([row] * len(answers), answers)
+    assert [p["meta"]["rejection"] for p in got] == ["own_category", "own_invalid_json"]
+    rej = json.loads(got[0]["rejected"][0]["content"])
+    assert rej == {**gold, "category": "refund", "priority": "high"}          # the model's wrong fields in the right answer, its summary not taken
+    assert got[0]["chosen"][0]["content"] == json.dumps(gold) and got[0]["prompt"] == row["messages"][:-1]
+    assert got[0]["meta"]["phrasing"] == "billing/x/1" and got[1]["rejected"][0]["content"] == "Sure! Billing."
+
+
+def test_dpo_with_an_sft_loss_adds_it_to_the_loss(pairs, tmp_path):
+    "sft_weight adds TRL's 'sft' loss (NLL of the chosen answer): the logged loss grows by it, the DPO margins are still logged."
+    plain = train_dpo("tiny", pairs, DPOSettings(max_steps=1, batch_size=2, eval_steps=1, eval_rows=4), tmp_path/"plain", live_plot=False)
+    rpo = train_dpo("tiny", pairs, DPOSettings(max_steps=1, batch_size=2, eval_steps=1, eval_rows=4, sft_weight=1.0), tmp_path/"rpo", live_plot=False)
+    ev = lambda r: next(h for h in r.log_history if "eval_loss" in h)
+    assert ev(rpo)["eval_loss"] > ev(plain)["eval_loss"] + 1.0        # a random tiny model's NLL is large: log(49k) per token ≈ 10.8
+    assert "eval_rewards/margins" in ev(rpo)
