@@ -1,13 +1,16 @@
 # The two commands of the README, and the small steps they are made of.
 VENV ?= .venv
 BIN := $(VENV)/bin
-PROMPT ?= In one sentence: what does fine-tuning a language model mean?
 
-.PHONY: run test install install-dev sync check-sync lab outputs data
+.PHONY: run test install install-dev sync check-sync lab outputs data docs
 
-run: install  ## install everything, then run the main job
+RUN_DIR ?= runs/pipeline-quick
+run: install  ## install everything, then run the main job: every lesson on the bundled model (finetune-lab run --profile quick)
 	$(BIN)/finetune-lab model prepare
-	$(BIN)/finetune-lab model generate "$(PROMPT)" --max-new-tokens 60
+	$(BIN)/finetune-lab run --profile quick --out $(RUN_DIR) --resume
+
+docs: install  ## build the docs site into _docs (no Quarto needed); open _docs/index.html
+	$(BIN)/finetune-lab docs --out _docs
 
 test: install-dev  ## install what the tests need, then run the whole test suite
 	$(BIN)/nbdev-test --n-workers 2
@@ -30,7 +33,7 @@ check-sync: sync  ## fail if the notebooks, library and README were not in sync
 lab: install  ## open the lessons in JupyterLab
 	$(BIN)/jupyter lab nbs
 
-NBS ?= 00_core.ipynb 01_models.ipynb 02_data.ipynb 03_sft.ipynb 04_dpo.ipynb 05_rlhf.ipynb 06_evaluate.ipynb 08_cli.ipynb index.ipynb
+NBS ?= 00_core.ipynb 01_models.ipynb 02_data.ipynb 03_sft.ipynb 04_dpo.ipynb 05_rlhf.ipynb 06_evaluate.ipynb 07_pipeline.ipynb 08_cli.ipynb 09_docs.ipynb index.ipynb
 outputs: install-dev  ## re-run notebooks on the real model (parameters-cell defaults) and keep their outputs
 	$(BIN)/nbdev-export
 	cd nbs && for nb in $(NBS); do FINETUNE_LAB_PROGRESS=0 ../$(BIN)/papermill --no-progress-bar $$nb $$nb || exit 1; done

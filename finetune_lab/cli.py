@@ -13,7 +13,7 @@ from . import data, models, prefs, rlhf, sft
 
 # %% auto #0
 __all__ = ['model_list', 'model_prepare', 'model_generate', 'data_check', 'sft_train', 'dpo_train', 'reward_train', 'ppo_train',
-           'grpo_train', 'eval_models', 'main']
+           'grpo_train', 'eval_models', 'run_lessons', 'build_site', 'main']
 
 # %% ../nbs/08_cli.ipynb #24e1eddb
 def model_list(args):
@@ -165,6 +165,19 @@ def eval_models(args):
             print(table.drop(columns=["generated", "seconds"]).astype(float).round(3).T.to_string())
         print(f"saved: {out/'metrics.json'}")
 
+# %% ../nbs/08_cli.ipynb #b63d2c9c
+def run_lessons(args):
+    "Run the lesson notebooks as one batch job (see `finetune_lab.pipeline.run_pipeline`)."
+    from finetune_lab import pipeline
+    pipeline.run_pipeline(args.profile, args.out, only=args.only, params=pipeline.parse_params(args.param),
+                          resume=args.resume, nbs=args.nbs, echo=lambda s: print(s, flush=True))
+
+def build_site(args):
+    "Build the docs site from the notebooks, offline (see `finetune_lab.docs.build_docs`)."
+    from finetune_lab import docs
+    site = docs.build_docs(args.out, args.nbs)
+    print(f"docs site: {site.resolve()/'index.html'} ({len(list(site.glob('*.html')))} pages)")
+
 # %% ../nbs/08_cli.ipynb #249a0668
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="finetune-lab", description="The LLM fine-tuning course that is also the tool.")
@@ -267,6 +280,18 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("--seed", type=int, default=42)
     ev.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
     ev.set_defaults(func=eval_models)
+    rn = verbs.add_parser("run", help="the main job: run the lesson notebooks in order with papermill (data, sft, dpo, rlhf, eval)")
+    rn.add_argument("--profile", choices=("ci", "quick", "full"), default="quick", help="sizes: ci (tiny model), quick (bundled model, 2 CPU cores), full (GPU)")
+    rn.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps: data sft dpo rlhf eval")
+    rn.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a notebook parameter (STEP.KEY for one step); repeatable")
+    rn.add_argument("--out", help="the run folder (default: runs/pipeline-PROFILE)")
+    rn.add_argument("--resume", action="store_true", help="continue the run in --out: skip steps finished with the same parameters")
+    rn.add_argument("--nbs", help="the lesson notebooks' folder (default: nbs/ of this clone)")
+    rn.set_defaults(func=run_lessons)
+    dc = verbs.add_parser("docs", help="build the static docs site from the notebooks (no Quarto needed)")
+    dc.add_argument("--out", default="_docs", help="the site's folder (replaced; default: _docs)")
+    dc.add_argument("--nbs", help="the notebooks' folder (default: nbs/ of this project)")
+    dc.set_defaults(func=build_site)
     return p
 
 def main(argv:list[str]=None # the arguments (default: `sys.argv[1:]`)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['FinetuneLabError', 'get_device', 'get_dtype', 'precision_kwargs', 'seed_everything', 'run_dir', 'atomic_path',
-           'write_json', 'progress']
+           'write_json', 'progress', 'show_figures_as_png']
 
 # %% ../nbs/00_core.ipynb #69a66dff
 class FinetuneLabError(Exception):
@@ -130,3 +130,19 @@ def progress(iterable=None, # what to iterate over (or None, and call `.update` 
 
 # %% ../nbs/00_core.ipynb #a3909127
 if os.environ.get("FINETUNE_LAB_PROGRESS") == "0": os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+
+# %% ../nbs/00_core.ipynb #fd46feb5
+def show_figures_as_png(ip=None): # the IPython shell (default: the running one, if any)
+    "Make IPython display matplotlib `Figure` objects as PNG images, without pyplot's inline backend."
+    if ip is None:
+        try: from IPython import get_ipython
+        except ImportError: return
+        ip = get_ipython()
+    if ip is None: return
+    from matplotlib.figure import Figure
+    def png(fig):
+        import io
+        buf = io.BytesIO(); fig.savefig(buf, format="png", dpi=100, bbox_inches="tight"); return buf.getvalue()
+    ip.display_formatter.formatters["image/png"].for_type(Figure, png)
+
+show_figures_as_png()

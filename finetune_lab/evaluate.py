@@ -12,7 +12,7 @@ from pathlib import Path
 from .core import FinetuneLabError, atomic_path, progress, write_json
 from . import data as fl_data
 from .models import MODELS, generate, load_model, load_tokenizer, prepare_model
-from .sft import load_splits, perplexity
+from .sft import load_splits, perplexity, prompt_messages
 
 # %% auto #0
 __all__ = ['FIELDS', 'TOXIC_TERMS', 'CUE_PAIRS', 'METRIC_KEYS', 'ModelRef', 'resolve_model', 'load_for_eval', 'fingerprint',
@@ -127,7 +127,7 @@ class Evaluator:
         if self._model is None: self._model, self._tok = load_for_eval(self.ref, self.device)
         return self._model
     def prompts(self, rows:list[dict]) -> list[list[dict]]:
-        return [[m for m in r["messages"][:-1] if not (self.ref.drop_system and m["role"] == "system")] for r in rows]
+        return [prompt_messages(r, self.ref.drop_system) for r in rows]
     def answers(self, rows:list[dict]) -> list[str]:
         "Each row's answer, from the cache or generated (in batches, cached as they finish)."
         prompts = self.prompts(rows); s = self.settings
@@ -224,7 +224,7 @@ def _without_virtual_tokens(model):
 def answer_perplexity(model, tokenizer, rows:list[dict], drop_system:bool=False, batch_size:int=8) -> float:
     "Perplexity of each row's reference answer after its prompt (answer tokens only, end-of-turn included)."
     from finetune_lab.prefs import answer_logps
-    prompts = [[m for m in r["messages"][:-1] if not (drop_system and m["role"] == "system")] for r in rows]
+    prompts = [prompt_messages(r, drop_system) for r in rows]
     answers = [r["messages"][-1:] for r in rows]
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
     try: logps = answer_logps(_without_virtual_tokens(model), tokenizer, prompts, answers, batch_size)

@@ -13,7 +13,7 @@ from .core import FinetuneLabError, atomic_path, get_device, precision_kwargs, p
 from . import data as fl_data
 from .models import generate, load_tokenizer, prepare_model
 from .prefs import drop_constant_system_pairs, load_preferences, pair_summary, training_pairs
-from .sft import LivePlot, MarkComplete, PeakMemory, claim_out_dir, last_checkpoint, load_splits
+from .sft import LivePlot, MarkComplete, PeakMemory, claim_out_dir, last_checkpoint, load_splits, prompt_messages
 
 # %% auto #0
 __all__ = ['reward_scores', 'pair_accuracy', 'RewardSettings', 'RewardResult', 'train_reward', 'plot_reward', 'ticket_reward',
@@ -177,7 +177,7 @@ def prompt_rows(rows:list[dict], drop_system:bool=True) -> list[dict]:
     out = []
     for r in rows:
         obj = fl_data.parse_answer(r) or {}
-        msgs = [m for m in r["messages"][:-1] if not (drop_system and m["role"] == "system")]
+        msgs = prompt_messages(r, drop_system)
         out.append({"prompt": msgs, "category": obj.get("category"), "priority": obj.get("priority")})
     return out
 

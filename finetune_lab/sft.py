@@ -16,8 +16,8 @@ from .models import MODELS, generate, load_tokenizer, prepare_model
 # %% auto #0
 __all__ = ['METHODS', 'DEFAULT_LR', 'DONE', 'to_prompt_completion', 'load_splits', 'drop_constant_system', 'SFTSettings',
            'method_unavailable', 'peft_config', 'load_base', 'MarkComplete', 'last_checkpoint', 'claim_out_dir',
-           'LivePlot', 'PeakMemory', 'SFTResult', 'train_sft', 'score_answers', 'quick_eval', 'compare_methods',
-           'plot_comparison', 'perplexity']
+           'LivePlot', 'PeakMemory', 'SFTResult', 'train_sft', 'score_answers', 'prompt_messages', 'quick_eval',
+           'compare_methods', 'plot_comparison', 'perplexity']
 
 # %% ../nbs/03_sft.ipynb #2ab47b54
 def to_prompt_completion(rows:list[dict]):
@@ -286,10 +286,14 @@ def score_answers(answers:list[str], rows:list[dict]) -> dict:
         ok_cat += obj.get("category") == fl_data.get_label(r)
     return {"n": n, "json_valid": round(ok_json / n, 3), "schema_valid": round(ok_schema / n, 3), "category_accuracy": round(ok_cat / n, 3)}
 
+def prompt_messages(row:dict, drop_system:bool=False) -> list[dict]:
+    "The messages a model answers: all but the row's last (the reference answer), without system prompts if `drop_system`."
+    return [m for m in row["messages"][:-1] if not (drop_system and m["role"] == "system")]
+
 def quick_eval(model, tokenizer, rows:list[dict], max_new_tokens:int=96, batch_size:int=16,
                drop_system:bool=False) -> tuple[dict, list[str]]:
     "Generate answers for `rows` (their prompt messages, without system prompts if `drop_system`) and score them."
-    prompts = [[m for m in r["messages"][:-1] if not (drop_system and m["role"] == "system")] for r in rows]
+    prompts = [prompt_messages(r, drop_system) for r in rows]
     answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)  # restores padding side
     return score_answers(answers, rows), answers
 
