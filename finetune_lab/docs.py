@@ -6,7 +6,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/docs.html.md"""
 
 # %% ../nbs/09_docs.ipynb #18ae62f5
 from __future__ import annotations
-import base64, html, json, re, shutil
+import base64, html, json, re
 from pathlib import Path
 from .core import FinetuneLabError, atomic_path
 

@@ -7,9 +7,8 @@ Docs: https://finetune-lab.github.io/finetune_lab/pipeline.html.md"""
 # %% ../nbs/07_pipeline.ipynb #3abf616c
 from __future__ import annotations
 import ast, hashlib, json, logging, os, sys, time
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from .core import FinetuneLabError, atomic_path, write_json
+from .core import FinetuneLabError, write_json
 
 # %% auto #0
 __all__ = ['STEPS', 'PROFILES', 'PATH_KEYS', 'SUMMARY_METRICS', 'lesson_dir', 'parse_params', 'declared_parameters',
