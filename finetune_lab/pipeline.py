@@ -68,6 +68,10 @@ def declared_parameters(notebook:str|Path) -> dict:
     import papermill as pm
     return {k: v["default"] for k, v in pm.inspect_notebook(str(notebook)).items()}
 
+def _sft_method(profile:str, overrides:dict) -> str:
+    "The SFT step's method (its folder in the run, where DPO and RLHF find the adapter)."
+    return {**PROFILES[profile]["params"], **overrides}.get("sft.method", "lora")
+
 def step_parameters(step:str, declared:dict, profile:str, overrides:dict, run:Path) -> dict:
     "What papermill injects into `step`'s notebook."
     if profile not in PROFILES: raise FinetuneLabError(f"unknown profile {profile!r}", fix=f"use one of {', '.join(PROFILES)}")
@@ -77,8 +81,7 @@ def step_parameters(step:str, declared:dict, profile:str, overrides:dict, run:Pa
         out.update({k.split(".", 1)[1]: v for k, v in layer.items() if k.startswith(step + ".") and k.split(".", 1)[1] in declared})
     for k in PATH_KEYS:
         if k in out and isinstance(out[k], str): out[k] = str(Path(out[k]).expanduser().resolve())
-    method = {**PROFILES[profile]["params"], **overrides}.get("sft.method", "lora")
-    wiring = {"out_dir": run/step, "sft_adapter": run/"sft"/method/"adapter", "runs_dir": run}
+    wiring = {"out_dir": run/step, "sft_adapter": run/"sft"/_sft_method(profile, overrides)/"adapter", "runs_dir": run}
     if "sft_adapter" in out and step != "sft": wiring.pop("sft_adapter")  # the user chose an adapter to start from
     out.update({k: str(v) for k, v in wiring.items() if k in declared})
     return out
@@ -194,7 +197,7 @@ def run_pipeline(profile:str="quick",           # ci, quick or full
     if run.exists() and any(run.iterdir()) and not resume:
         raise FinetuneLabError(f"{run} already holds a run", fix="pass --resume to continue it, or --out a new folder")
     chosen = [s for s in STEPS if not only or s in only]
-    method = {**PROFILES[profile]["params"], **params}.get("sft.method", "lora")
+    method = _sft_method(profile, params)
     needs_sft = [s for s in chosen if s in ("dpo", "rlhf")]
     if needs_sft and "sft" not in chosen and "sft_adapter" not in params and not (run/"sft"/method/"adapter").is_dir():
         raise FinetuneLabError(f"step {needs_sft[0]!r} starts from the SFT adapter {run/'sft'/method/'adapter'}, which this run has not made",
