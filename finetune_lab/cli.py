@@ -6,50 +6,217 @@ Docs: https://finetune-lab.github.io/finetune_lab/cli.html.md"""
 
 # %% ../nbs/08_cli.ipynb #d082b347
 from __future__ import annotations
-import argparse, json, sys
-from .core import FinetuneLabError
+import argparse, importlib, json, sys
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from . import data, models, prefs, rlhf, sft
+from .core import FinetuneLabError, field_help
+from .models import DEFAULT_MODEL
 
 # %% auto #0
-__all__ = ['model_list', 'model_prepare', 'model_generate', 'data_check', 'sft_train', 'dpo_train', 'reward_train', 'ppo_train',
-           'grpo_train', 'eval_models', 'run_lessons', 'build_site', 'main']
+__all__ = ['CONVERTERS', 'ARGS', 'VERBS', 'GROUPS', 'Verb', 'field_flag', 'settings_from', 'add_verb_flags', 'parser',
+           'do_model_list', 'do_model_prepare', 'do_model_generate', 'do_data_check', 'do_sft', 'do_dpo', 'do_reward',
+           'do_ppo', 'do_grpo', 'do_eval', 'do_run', 'do_docs', 'main']
+
+# %% ../nbs/08_cli.ipynb #887b2ce2
+@dataclass(frozen=True)
+class Verb:
+    "One `finetune-lab` verb (`group action` for the two-word ones)."
+    name:str
+    help:str
+    handler:str                           # the function in this module that runs it
+    settings:str|None = None              # `module:Class` of a settings dataclass: one flag per field
+    args:tuple = ()                       # shared arguments (names in `ARGS`), or `(name, {overrides})`
+    renames:dict = field(default_factory=dict)   # field -> flag, where the flag reads better under another name
+
+# %% ../nbs/08_cli.ipynb #63572585
+def _optional(convert):
+    return lambda v: None if v.lower() == "none" else convert(v)
+
+def _items(v:str) -> tuple:
+    "`0.8,0.1,0.1` -> (0.8, 0.1, 0.1); words stay text."
+    def one(x):
+        try: return float(x)
+        except ValueError: return x.strip()
+    return tuple(one(x) for x in v.split(",") if x.strip())
+
+def _schema(value:str):
+    if value in ("auto", "none", "ticket"):
+        from finetune_lab.data import TICKET_SCHEMA
+        return {"auto": "auto", "none": None, "ticket": TICKET_SCHEMA}[value]
+    try: return json.loads(Path(value).read_text())
+    except (OSError, ValueError) as e:
+        raise FinetuneLabError(f"--schema {value}: not auto, none, ticket or a readable JSON schema file ({type(e).__name__})",
+                               fix="pass a path to a .json file holding a JSON schema") from None
+
+CONVERTERS = {"schema": _schema}   # fields whose text needs more than their type to read
+
+# %% ../nbs/08_cli.ipynb #bdba0dff
+def field_flag(f, help:str, choices=None, flag:str=None) -> tuple[list[str], dict]:
+    "The argparse flag and keyword arguments for dataclass field `f`: typed from its annotation, its default shown."
+    kinds = [t.strip() for t in str(f.type).split("|")]
+    base = next(t for t in kinds if t != "None")
+    help = help if "default" in help else f"{help} (default: {f.default})".lstrip()
+    kw = dict(dest=f.name, default=argparse.SUPPRESS, help=help.replace("%", "%%"))   # argparse formats help with %
+    if f.name in CONVERTERS: kw["type"] = CONVERTERS[f.name]
+    elif base == "bool": kw["action"] = argparse.BooleanOptionalAction
+    elif base in ("int", "float", "str"):
+        convert = {"int": int, "float": float, "str": str}[base]
+        kw["type"] = _optional(convert) if "None" in kinds else convert
+    elif base == "tuple": kw["type"] = _items
+    if choices: kw["choices"] = choices
+    return [flag or "--" + f.name.replace("_", "-")] + (["--lr"] if f.name == "learning_rate" else []), kw
+
+def settings_from(args, cls):
+    "An instance of `cls` from the flags given on the command line (the others keep their defaults)."
+    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+
+# %% ../nbs/08_cli.ipynb #64882a2f
+ARGS = {
+    "data": (["--data"], dict(required=True, help="the training data: a raw file (checked and split here), or the folder `finetune-lab data check` wrote")),
+    "pairs": (["--data"], dict(required=True, help="preference pairs: prompt/chosen/rejected rows, or Human:/Assistant: transcripts")),
+    "model": (["--model"], dict(default=DEFAULT_MODEL, help="the base model: a registry name, a local folder or a hub id")),
+    "adapter": (["--adapter"], dict(help="the SFT adapter folder to start from")),
+    "like": (["--like"], dict(help="SFT data whose train/val/test split the pairs follow")),
+    "reward": (["--reward"], dict(help="the reward model folder `finetune-lab reward` saved")),
+    "out": (["--out"], dict(help="the run folder")),
+    "resume": (["--resume"], dict(action="store_true", help="continue the run in --out from its last complete checkpoint")),
+    "overwrite": (["--overwrite"], dict(action="store_true", help="delete the run in --out and start again")),
+    "test_rows": (["--test-rows"], dict(type=int, default=0, help="held-out test rows to score (0: none)")),
+    "eval_data": (["--eval-data"], dict(help="held-out rows to score: a file (every row) or a folder of splits (its test split); default: the test split of --data")),
+    "seed": (["--seed"], dict(type=int, default=42, help="the seed of the train/val/test split of a raw file")),
+    "device": (["--device"], dict(help="cuda, mps or cpu (default: the best available)")),
+}
+
+# %% ../nbs/08_cli.ipynb #52c20f38
+VERBS = [
+    Verb("model list", "show the model registry", "do_model_list"),
+    Verb("model prepare", "convert/download a model once and print its local folder", "do_model_prepare"),
+    Verb("model generate", "answer prompts with a model", "do_model_generate", args=("model", "device")),
+    Verb("data check", "run every data check; write report, quarantine and splits", "do_data_check", "finetune_lab.data:DataSettings",
+         args=(("out", {"help": "output folder (default: runs/data-check/<file name>)"}),), renames={"model_name": "--model"}),
+    Verb("sft", "supervised fine-tuning (full, LoRA, IA3, prompt tuning, QLoRA, or any registered method)", "do_sft", "finetune_lab.sft:SFTSettings",
+         ("data", "model", ("out", {"help": "the run folder (default: runs/sft/<method>)"}), "resume", "overwrite", "test_rows", "eval_data")),
+    Verb("dpo", "direct preference optimisation from preference pairs", "do_dpo", "finetune_lab.prefs:DPOSettings",
+         ("pairs", "model", "adapter", "like", ("out", {"help": "the run folder (default: runs/dpo)"}), "resume", "overwrite")),
+    Verb("reward", "train a reward model on preference pairs", "do_reward", "finetune_lab.rlhf:RewardSettings",
+         ("pairs", "model", "adapter", "like", ("out", {"help": "the run folder (default: runs/reward)"}), "resume", "overwrite", "eval_data")),
+    Verb("ppo", "PPO against a reward model (trl.experimental.ppo)", "do_ppo", "finetune_lab.rlhf:PPOSettings",
+         (("data", {"help": "SFT data (chat rows with JSON answers): the prompts and their labels"}), "model", "adapter", "reward",
+          ("out", {"help": "the run folder (default: runs/ppo)"}), "overwrite", ("test_rows", {"default": 16, "help": "held-out prompts probed during training"}), "eval_data")),
+    Verb("grpo", "GRPO against the rule-based ticket reward", "do_grpo", "finetune_lab.rlhf:GRPOSettings",
+         (("data", {"help": "SFT data (chat rows with JSON answers): the prompts and their labels"}), "model", "adapter",
+          ("out", {"help": "the run folder (default: runs/grpo)"}), "overwrite", ("test_rows", {"default": 16, "help": "held-out prompts probed during training"}), "eval_data")),
+    Verb("eval", "evaluate models and adapters on held-out tickets (task, text, perplexity, safety)", "do_eval", "finetune_lab.evaluate:GenSettings",
+         (("data", {"required": False, "help": "held-out rows: a file (every row is scored), or a folder of splits (its test split); default: the test split of data/tickets_raw.jsonl"}),
+          ("out", {"help": "folder for metrics.json and the generation cache (default: runs/eval)"}), ("test_rows", {"help": "evaluate only the first N rows (0: all)"}),
+          "seed", "device")),
+    Verb("run", "the main job: run the lesson notebooks in order with papermill (data, sft, dpo, rlhf, eval)", "do_run",
+         args=(("out", {"help": "the run folder (default: runs/pipeline-PROFILE)"}), ("resume", {"help": "continue the run in --out: skip steps finished with the same parameters"}), "overwrite")),
+    Verb("docs", "build the static docs site from the notebooks (no Quarto needed)", "do_docs", args=(("out", {"default": "_docs", "help": "the site's folder (replaced; default: _docs)"}),)),
+]
+GROUPS = {"model": "list, prepare and try base models", "data": "check datasets"}
+
+# %% ../nbs/08_cli.ipynb #192e37d2
+def _choices(v:Verb) -> dict:
+    "Choices of a verb's settings fields, from the tables that define them."
+    if v.name == "sft":
+        from finetune_lab.train import METHODS
+        return {"method": list(METHODS)}
+    if v.name == "data check":
+        from finetune_lab.data import FORMATS
+        return {"format": ["auto", *FORMATS]}
+    return {}
+
+def _own_args(p:argparse.ArgumentParser, v:Verb):
+    "The arguments only this verb has."
+    if v.name == "model prepare":
+        p.add_argument("name", nargs="?", default=DEFAULT_MODEL, help="registry name, local folder or hub id")
+        p.add_argument("--force", action="store_true", help="rebuild even if cached")
+    elif v.name == "model generate":
+        p.add_argument("prompts", nargs="+", help="one or more user messages")
+        p.add_argument("--max-new-tokens", type=int, default=128, help="the longest answer (default: 128)")
+        p.add_argument("--system", help="a system prompt")
+    elif v.name == "data check":
+        from finetune_lab.data import FILE_TYPES
+        p.add_argument("path", help="a .jsonl, .json, .csv or .parquet file")
+        p.add_argument("--file-type", choices=sorted(set(FILE_TYPES.values())), help="file type (default: from the extension)")
+        p.add_argument("--json", action="store_true", help="print the report as JSON")
+    elif v.name == "eval":
+        p.add_argument("models", nargs="+", metavar="MODEL_OR_ADAPTER", help="a model name, a model folder or an adapter folder; NAME=PATH names the stage")
+        p.add_argument("--split", help="evaluate this split of --data (a raw training file: checked and split first)")
+        p.add_argument("--json", action="store_true", help="print the metrics as JSON")
+        p.add_argument("--bias-rows", type=int, default=32, help="rows turned into counterfactual pairs (default: 32)")
+        p.add_argument("--probe", help="a text file of paragraphs for general-text perplexity (forgetting)")
+    elif v.name == "run":
+        from finetune_lab.pipeline import PROFILES, STEPS
+        p.add_argument("--profile", choices=list(PROFILES), default="quick", help="sizes: ci (tiny model), quick (bundled model, 2 CPU cores), full (GPU)")
+        p.add_argument("--only", nargs="+", metavar="STEP", choices=list(STEPS), help=f"run only these steps: {' '.join(STEPS)}")
+        p.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a notebook parameter (STEP.KEY for one step); repeatable")
+    if v.name in ("run", "docs"): p.add_argument("--nbs", help="the lesson notebooks' folder (default: nbs/ of this clone)")
+
+# %% ../nbs/08_cli.ipynb #d64915a0
+def add_verb_flags(p:argparse.ArgumentParser, v:Verb):
+    "Give parser `p` verb `v`'s own arguments, the shared arguments it takes, and its settings' flags."
+    _own_args(p, v)
+    for a in v.args:
+        name, over = a if isinstance(a, tuple) else (a, {})
+        flags, kw = ARGS[name]
+        p.add_argument(*flags, **{**kw, **over})
+    if v.settings:
+        module, _, name = v.settings.partition(":")
+        cls, choices = getattr(importlib.import_module(module), name), _choices(v)
+        helps = field_help(cls)
+        for f in fields(cls):
+            flags, kw = field_flag(f, helps[f.name], choices.get(f.name), v.renames.get(f.name))
+            p.add_argument(*flags, **kw)
+
+# %% ../nbs/08_cli.ipynb #55926bc1
+class _Parser(argparse.ArgumentParser):
+    "An argparse parser whose usage errors are one line, like every other bad input."
+    hint = None   # the verb's command, for the fix
+    def error(self, message):
+        self.exit(2, f"finetune-lab: error: {message}. Fix: see `{self.hint or self.prog} --help`\n")
+
+def parser(argv=()) -> argparse.ArgumentParser:
+    "The `finetune-lab` parser; only the verb that `argv` names gets its flags (and imports what they need)."
+    words = [a for a in argv if not a.startswith("-")][:2]
+    p = _Parser(prog="finetune-lab", description="The LLM fine-tuning course that is also the tool.")
+    verbs, groups = p.add_subparsers(dest="verb", metavar="VERB", required=True), {}
+    for v in VERBS:
+        group, _, action = v.name.partition(" ")
+        if action and group not in groups:
+            groups[group] = verbs.add_parser(group, help=GROUPS[group]).add_subparsers(dest="action", metavar="ACTION", required=True)
+        sp = groups[group].add_parser(action, help=v.help) if action else verbs.add_parser(v.name, help=v.help)
+        sp.set_defaults(handler=v.handler)
+        if v.name.split() == words[:len(v.name.split())]: add_verb_flags(sp, v); p.hint = f"finetune-lab {v.name}"
+    return p
 
 # %% ../nbs/08_cli.ipynb #24e1eddb
-def model_list(args):
+def do_model_list(args):
     "Print the model registry: name, size, licence, where it is prepared, what it is."
+    from finetune_lab import models
     rows = [(m.name, m.params, m.license,
              str(models.cache_dir()/"models"/m.name) if m.kind == "gguf" and models.folder_problem(models.cache_dir()/"models"/m.name) is None
              else "(built on demand)" if m.kind == "tiny" else "(not prepared)", m.description) for m in models.MODELS.values()]
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows: print("  ".join(c.ljust(w[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
 
-def model_prepare(args):
+def do_model_prepare(args):
     "Prepare a model and print its local folder."
+    from finetune_lab import models
     print(models.prepare_model(args.name, force=args.force))
 
-def model_generate(args):
+def do_model_generate(args):
     "Answer prompts with a model, one answer per prompt."
+    from finetune_lab import models
     model, tok = models.load_model(args.model, device=args.device)
-    answers = models.generate(model, tok, args.prompts, max_new_tokens=args.max_new_tokens, system=args.system)
-    for a in answers: print(a)
+    for a in models.generate(model, tok, args.prompts, max_new_tokens=args.max_new_tokens, system=args.system): print(a)
 
 # %% ../nbs/08_cli.ipynb #98e7cee0
-def _schema_arg(value:str):
-    if value in ("auto", "none", "ticket"): return {"auto": "auto", "none": None, "ticket": data.TICKET_SCHEMA}[value]
-    path = Path(value)
-    try: return json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise FinetuneLabError(f"--schema {value}: not auto, none, ticket or a readable JSON schema file ({type(e).__name__})",
-                               fix="pass a path to a .json file holding a JSON schema") from None
-
-def data_check(args):
+def do_data_check(args):
     "Check a dataset file, write report/quarantine/splits, print a summary."
-    try: ratios = tuple(float(x) for x in args.ratios.split(","))
-    except ValueError: raise FinetuneLabError(f"--ratios {args.ratios!r} is not three numbers", fix="e.g. --ratios 0.8,0.1,0.1") from None
-    cfg = data.DataConfig(format=args.format, schema=_schema_arg(args.schema), near_threshold=args.near_threshold,
-                          leak_threshold=args.leak_threshold, min_prompt_tokens=args.min_prompt_tokens, max_tokens=args.max_tokens,
-                          group_key=args.group_key, mask_pii=args.mask_pii, ratios=ratios, seed=args.seed, model_name=args.model)
+    from finetune_lab import data
+    cfg = settings_from(args, data.DataSettings)
     check = data.check_dataset(args.path, cfg, file_type=args.file_type)
     out = data.save_check(check, args.out or Path("runs")/"data-check"/Path(args.path).stem, cfg)
     r = check.report
@@ -61,76 +228,91 @@ def data_check(args):
     print(f"written to {out}/ (report.json, report.md, plots/, quarantine.jsonl, train/val/test.jsonl)")
 
 # %% ../nbs/08_cli.ipynb #6ecc68a8
-def sft_train(args):
+def _report(res) -> str:
+    "One line of what a training run measured."
+    tokens = f", {res.tokens_per_second:.0f} tokens/s" if res.tokens_per_second else ""
+    best = f", best validation loss {res.best_val_loss:.4f}" if res.best_val_loss is not None else ""
+    return (f"{res.method}: {res.steps} steps in {res.seconds:.0f} s ({res.seconds_per_step} s/step{tokens}), peak memory {res.peak_memory_mb:.0f} MB, "
+            f"trainable {res.trainable_params:,} of {res.total_params:,} parameters{best}")
+
+def _held_out(args, split_rows=None, seed:int=42) -> list[dict]:
+    "The rows a training verb scores: every row of `--eval-data`, else the test split of `--data` (`split_rows`, when already loaded)."
+    from finetune_lab.data import held_out_rows
+    if args.eval_data: return held_out_rows(args.eval_data)
+    return split_rows if split_rows is not None else held_out_rows(args.data, "test", seed)
+
+# %% ../nbs/08_cli.ipynb #45e9ebe0
+def do_sft(args):
     "Fine-tune a model; print what was measured and where the result is."
-    if (why := sft.method_unavailable(args.method, args.device)):
-        print(f"skipped {args.method}: {why}"); return
-    cfg = sft.SFTSettings(method=args.method, max_steps=args.max_steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
-                          learning_rate=args.lr, lora_r=args.lora_r, eval_steps=args.eval_steps, patience=args.patience or None,
-                          seed=args.seed, device=args.device)
-    out = Path(args.out or Path("runs")/"sft"/args.method)
-    res = sft.train_sft(args.model, args.data, cfg, out, resume=args.resume, overwrite=args.overwrite, live_plot=False)
-    print(f"{res.method}: {res.steps} steps in {res.seconds:.0f} s ({res.seconds_per_step} s/step, {res.tokens_per_second:.0f} tokens/s), "
-          f"peak memory {res.peak_memory_mb:.0f} MB, trainable {res.trainable_params:,} of {res.total_params:,} parameters, "
-          f"best validation loss {res.best_val_loss if res.best_val_loss is None else round(res.best_val_loss, 4)}")
-    if args.eval_rows:
-        rows = sft.load_splits(args.data, args.seed)["test"][:args.eval_rows]
-        scores, _ = sft.quick_eval(res._trainer.model, models.load_tokenizer(args.model, "generate"), rows, drop_system=cfg.drop_constant_system)
+    from finetune_lab.sft import SFTSettings, train_sft
+    from finetune_lab.train import method_unavailable
+    cfg = settings_from(args, SFTSettings)
+    if (why := method_unavailable(cfg.method, cfg.device)):
+        print(f"skipped {cfg.method}: {why}"); return
+    res = train_sft(args.model, args.data, cfg, Path(args.out or Path("runs")/"sft"/cfg.method), resume=args.resume, overwrite=args.overwrite, live_plot=False)
+    print(_report(res))
+    if args.test_rows:
+        from finetune_lab.metrics import quick_eval
+        from finetune_lab.models import load_tokenizer
+        scores, _ = quick_eval(res.model, load_tokenizer(args.model, "generate"), _held_out(args, seed=cfg.seed)[:args.test_rows], drop_system=cfg.drop_constant_system)
         print(f"held-out test: {scores}")
     print(f"saved: {res.output}")
 
 # %% ../nbs/08_cli.ipynb #f6504da0
-def _check_adapter(path):
-    if path and not (Path(path)/"adapter_config.json").is_file():
-        raise FinetuneLabError(f"--adapter {path}: not a PEFT adapter folder (no adapter_config.json)", fix="pass the adapter folder `finetune-lab sft` saved")
+def _pairs_run(args, train, settings_cls, kind:str):
+    "Run a preference trainer (DPO, the reward model) with the verb's flags; returns `(settings, result)`."
+    cfg = settings_from(args, settings_cls)
+    return cfg, train(args.model, args.data, cfg, Path(args.out or f"runs/{kind}"), adapter=args.adapter, like=args.like,
+                      resume=args.resume, overwrite=args.overwrite, live_plot=False)
 
-def dpo_train(args):
+def do_dpo(args):
     "Preference-tune with DPO; print what was measured and where the adapter is."
-    _check_adapter(args.adapter)
-    cfg = prefs.DPOSettings(beta=args.beta, sft_weight=args.sft_weight, max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr,
-                            eval_steps=args.eval_steps, seed=args.seed, device=args.device)
-    res = prefs.train_dpo(args.model, args.data, cfg, Path(args.out or "runs/dpo"), adapter=args.adapter, like=args.like,
-                          resume=args.resume, overwrite=args.overwrite, live_plot=False)
+    from finetune_lab.prefs import DPOSettings, train_dpo
+    _, res = _pairs_run(args, train_dpo, DPOSettings, "dpo")
     last = next((h for h in reversed(res.log_history) if "eval_rewards/accuracies" in h), {})
-    print(f"dpo: {res.steps} steps in {res.seconds:.0f} s ({res.seconds_per_step} s/step), peak memory {res.peak_memory_mb:.0f} MB, "
-          f"reference: {res.reference} ({res.reference_params:,} extra parameters); "
+    print(f"{_report(res)}; reference: {res.details['reference']} ({res.details['reference_params']:,} extra parameters); "
           f"validation margin {last.get('eval_rewards/margins', float('nan')):.3f}, reward accuracy {last.get('eval_rewards/accuracies', float('nan')):.3f}")
     print(f"saved: {res.output}")
 
-def reward_train(args):
+# %% ../nbs/08_cli.ipynb #7dc5ab87
+def do_reward(args):
     "Train a reward model; print its held-out pair accuracy and where it is."
-    _check_adapter(args.adapter)
-    cfg = rlhf.RewardSettings(max_steps=args.max_steps, batch_size=args.batch_size, learning_rate=args.lr, eval_steps=args.eval_steps,
-                              seed=args.seed, device=args.device)
-    res = rlhf.train_reward(args.model, args.data, cfg, Path(args.out or "runs/reward"), adapter=args.adapter, like=args.like,
-                            resume=args.resume, overwrite=args.overwrite, live_plot=False)
-    test = prefs.drop_constant_system_pairs(prefs.load_preferences(args.data, like=args.like, seed=args.seed))["test"]
-    acc = rlhf.pair_accuracy(res._model, models.load_tokenizer(args.model, "train"), test)["accuracy"] if test else None
-    print(f"reward model: {res.steps} steps in {res.seconds:.0f} s, peak memory {res.peak_memory_mb:.0f} MB, held-out pair accuracy {acc}")
+    from finetune_lab.data import drop_constant_system
+    from finetune_lab.models import load_tokenizer
+    from finetune_lab.prefs import load_preferences
+    from finetune_lab.rlhf import RewardSettings, pair_accuracy, train_reward
+    cfg, res = _pairs_run(args, train_reward, RewardSettings, "reward")
+    test = _held_out(args, None if args.eval_data else load_preferences(args.data, like=args.like, seed=cfg.seed)["test"])
+    test = drop_constant_system({"test": test})[0]["test"] if cfg.drop_constant_system else test
+    acc = pair_accuracy(res.model, load_tokenizer(args.model, "train"), test)["accuracy"] if test else None
+    print(f"{_report(res)}; held-out pair accuracy {acc} ({len(test)} pairs)")
     print(f"saved: {res.output}")
 
-def _online(args, method):
-    _check_adapter(args.adapter)
-    rows = sft.load_splits(args.data, args.seed)
-    train, probe = rlhf.prompt_rows(rows["train"]), rlhf.prompt_rows(rows.get("test", [])[:args.eval_rows])
+# %% ../nbs/08_cli.ipynb #35e6c165
+def _online(args, method:str):
+    "PPO or GRPO from the shell: prompts from the training split, the held-out probe from the test rows."
+    from finetune_lab import rlhf
+    from finetune_lab.data import load_splits
+    from finetune_lab.models import check_adapter
+    if args.adapter: check_adapter(args.adapter)
+    cfg = settings_from(args, rlhf.PPOSettings if method == "ppo" else rlhf.GRPOSettings)
+    rows = load_splits(args.data, cfg.seed)
+    train, probe = rlhf.prompt_rows(rows["train"]), rlhf.prompt_rows(_held_out(args, rows.get("test", []))[:args.test_rows])
     out = Path(args.out or f"runs/{method}")
     if method == "ppo":
         if not args.reward or not (Path(args.reward)/"config.json").is_file():
             raise FinetuneLabError(f"--reward {args.reward}: not a reward model folder", fix="pass the model folder `finetune-lab reward` saved (<out>/model)")
-        cfg = rlhf.PPOSettings(max_steps=args.max_steps, learning_rate=args.lr or rlhf.PPOSettings.learning_rate, kl_coef=args.kl, seed=args.seed, device=args.device)
         res = rlhf.train_ppo(args.model, train, args.reward, cfg, out, adapter=args.adapter, probe_prompts=probe, overwrite=args.overwrite)
-    else:
-        cfg = rlhf.GRPOSettings(max_steps=args.max_steps, learning_rate=args.lr or rlhf.GRPOSettings.learning_rate, beta=args.kl, seed=args.seed, device=args.device)
-        res = rlhf.train_grpo(args.model, train, cfg, out, adapter=args.adapter, probe_prompts=probe, overwrite=args.overwrite)
-    if res.probe: print(f"held-out rule reward: {res.probe[0]['rule_reward']:.3f} -> {res.probe[-1]['rule_reward']:.3f}")
-    print(f"{method}: {res.steps} steps in {res.seconds:.0f} s, peak memory {res.peak_memory_mb:.0f} MB")
+    else: res = rlhf.train_grpo(args.model, train, cfg, out, adapter=args.adapter, probe_prompts=probe, overwrite=args.overwrite)
+    if (p := res.details["probe"]): print(f"held-out rule reward: {p[0]['rule_reward']:.3f} -> {p[-1]['rule_reward']:.3f} ({len(probe)} prompts)")
+    print(_report(res))
     print(f"saved: {res.output}")
 
-def ppo_train(args):
+def do_ppo(args):
     "Optimise the SFT policy against a reward model with PPO."
     _online(args, "ppo")
 
-def grpo_train(args):
+def do_grpo(args):
     "Optimise the SFT policy against the rule reward with GRPO."
     _online(args, "grpo")
 
@@ -142,22 +324,21 @@ def _stage_name(spec:str) -> str:
     p = p.resolve(); p = p.parent if p.name in ("adapter", "model") else p
     return "/".join(p.parts[-2:])
 
-def eval_models(args):
-    "Evaluate models on the held-out test rows; print the table (or JSON); merge into <out>/metrics.json."
+def do_eval(args):
+    "Evaluate models on held-out rows; print the table (or JSON); merge into <out>/metrics.json."
     import pandas as pd
     from finetune_lab import evaluate
+    from finetune_lab.data import held_out_rows
     specs = {}
     for s in args.models:
         name, path = (s.split("=", 1) if "=" in s and not Path(s).exists() else (_stage_name(s), s))
         specs[name] = path
     for path in specs.values(): evaluate.resolve_model(path)    # one line, status 2, before any model loads
-    data_path = args.data or "data/tickets_raw.jsonl"
-    if not Path(data_path).exists(): raise FinetuneLabError(f"--data {data_path}: no such file", fix="pass --data with SFT-format rows (the held-out test split is used)")
-    rows = sft.load_splits(data_path, args.seed).get("test", [])[:args.rows or None]
-    if not rows: raise FinetuneLabError(f"--data {data_path}: no test rows after the data checks", fix="pass data with enough rows for a test split")
+    rows = held_out_rows(args.data, args.split, args.seed) if args.data else held_out_rows("data/tickets_raw.jsonl", args.split or "test", args.seed)
+    rows = rows[:args.test_rows or None]
     probe = [t.strip() for t in Path(args.probe).read_text().split("\n\n") if t.strip()] if args.probe else []
     out = Path(args.out or "runs/eval")
-    table, _ = evaluate.compare(specs, rows, out, args.bias_rows, probe, evaluate.GenSettings(max_new_tokens=args.max_new_tokens), args.device)
+    table, _ = evaluate.compare(specs, rows, out, args.bias_rows, probe, settings_from(args, evaluate.GenSettings), args.device)
     if args.json:
         print(json.dumps({"models": {k: v for k, v in json.loads((out/"metrics.json").read_text())["models"].items() if k in specs}}, indent=1))
     else:
@@ -166,139 +347,26 @@ def eval_models(args):
         print(f"saved: {out/'metrics.json'}")
 
 # %% ../nbs/08_cli.ipynb #b63d2c9c
-def run_lessons(args):
+def do_run(args):
     "Run the lesson notebooks as one batch job (see `finetune_lab.pipeline.run_pipeline`)."
     from finetune_lab import pipeline
     pipeline.run_pipeline(args.profile, args.out, only=args.only, params=pipeline.parse_params(args.param),
-                          resume=args.resume, nbs=args.nbs, echo=lambda s: print(s, flush=True))
+                          resume=args.resume, overwrite=args.overwrite, nbs=args.nbs, echo=lambda s: print(s, flush=True))
 
-def build_site(args):
+def do_docs(args):
     "Build the docs site from the notebooks, offline (see `finetune_lab.docs.build_docs`)."
     from finetune_lab import docs
     site = docs.build_docs(args.out, args.nbs)
     print(f"docs site: {site.resolve()/'index.html'} ({len(list(site.glob('*.html')))} pages)")
 
 # %% ../nbs/08_cli.ipynb #249a0668
-def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="finetune-lab", description="The LLM fine-tuning course that is also the tool.")
-    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-    m = verbs.add_parser("model", help="list, prepare and try base models").add_subparsers(dest="action", metavar="ACTION", required=True)
-    m.add_parser("list", help="show the model registry").set_defaults(func=model_list)
-    prep = m.add_parser("prepare", help="convert/download a model once and print its local folder")
-    prep.add_argument("name", nargs="?", default=models.DEFAULT_MODEL, help="registry name, local folder or hub id")
-    prep.add_argument("--force", action="store_true", help="rebuild even if cached")
-    prep.set_defaults(func=model_prepare)
-    gen = m.add_parser("generate", help="answer prompts with a model")
-    gen.add_argument("prompts", nargs="+", help="one or more user messages")
-    gen.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder or hub id")
-    gen.add_argument("--max-new-tokens", type=int, default=128)
-    gen.add_argument("--system", default=None, help="a system prompt")
-    gen.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
-    gen.set_defaults(func=model_generate)
-    d = verbs.add_parser("data", help="check datasets").add_subparsers(dest="action", metavar="ACTION", required=True)
-    chk = d.add_parser("check", help="run every data check; write report, quarantine and splits")
-    chk.add_argument("path", help="a .jsonl, .json, .csv or .parquet file")
-    chk.add_argument("--format", default="auto", choices=["auto", *data.FORMATS], help="row format (default: detected)")
-    chk.add_argument("--file-type", choices=sorted(set(data.FILE_TYPES.values())), help="file type (default: from the extension)")
-    chk.add_argument("--out", help="output folder (default: runs/data-check/<file name>)")
-    chk.add_argument("--json", action="store_true", help="print the report as JSON")
-    chk.add_argument("--schema", default="auto", help="answer schema: auto, ticket, none, or a JSON schema file")
-    chk.add_argument("--near-threshold", type=float, default=0.8, help="prompt similarity of near duplicates (0-1)")
-    chk.add_argument("--leak-threshold", type=float, default=0.5, help="prompt similarity of related rows kept in one split")
-    chk.add_argument("--min-prompt-tokens", type=int, default=4)
-    chk.add_argument("--max-tokens", type=int, default=512)
-    chk.add_argument("--group-key", help="a meta field whose rows stay in one split")
-    chk.add_argument("--mask-pii", action="store_true", help="mask e-mails, phones and card numbers in the kept rows")
-    chk.add_argument("--ratios", default="0.8,0.1,0.1", help="train,val,test shares")
-    chk.add_argument("--seed", type=int, default=42)
-    chk.add_argument("--model", default=models.DEFAULT_MODEL, help="whose tokenizer counts tokens")
-    chk.set_defaults(func=data_check)
-    s = verbs.add_parser("sft", help="supervised fine-tuning (full, LoRA, IA3, prompt tuning, QLoRA)")
-    s.add_argument("--data", required=True, help="a raw data file, or the output folder of `data check`")
-    s.add_argument("--method", default="lora", choices=sft.METHODS)
-    s.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder or hub id")
-    s.add_argument("--out", help="run folder (default: runs/sft/<method>)")
-    s.add_argument("--max-steps", type=int, default=sft.SFTSettings.max_steps)
-    s.add_argument("--batch-size", type=int, default=sft.SFTSettings.batch_size)
-    s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--lr", type=float, help="learning rate (default: per method)")
-    s.add_argument("--lora-r", type=int, default=sft.SFTSettings.lora_r)
-    s.add_argument("--eval-steps", type=int, default=sft.SFTSettings.eval_steps, help="validation loss and a checkpoint every N steps")
-    s.add_argument("--patience", type=int, default=sft.SFTSettings.patience, help="early-stopping patience in evaluations (0: off)")
-    s.add_argument("--eval-rows", type=int, default=0, help="score this many held-out test rows after training")
-    s.add_argument("--seed", type=int, default=42)
-    s.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    s.add_argument("--resume", action="store_true", help="continue a killed run from its last complete checkpoint")
-    s.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    s.set_defaults(func=sft_train)
-    def common(v, data_help, steps):
-        v.add_argument("--data", required=True, help=data_help)
-        v.add_argument("--model", default=models.DEFAULT_MODEL, help="registry name, local folder or hub id")
-        v.add_argument("--adapter", help="the SFT adapter folder to start from")
-        v.add_argument("--out", help="run folder")
-        v.add_argument("--max-steps", type=int, default=steps)
-        v.add_argument("--seed", type=int, default=42)
-        v.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-        v.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    pref_help = "preference pairs: prompt/chosen/rejected or Human:/Assistant: transcripts"
-    dp = verbs.add_parser("dpo", help="direct preference optimisation from preference pairs")
-    common(dp, pref_help, prefs.DPOSettings.max_steps)
-    dp.add_argument("--like", help="SFT data whose train/val/test split the pairs follow")
-    dp.add_argument("--beta", type=float, default=prefs.DPOSettings.beta)
-    dp.add_argument("--sft-weight", type=float, default=prefs.DPOSettings.sft_weight, help="add the SFT loss on chosen answers with this weight (RPO); 0: plain DPO")
-    dp.add_argument("--batch-size", type=int, default=prefs.DPOSettings.batch_size)
-    dp.add_argument("--lr", type=float, default=prefs.DPOSettings.learning_rate)
-    dp.add_argument("--eval-steps", type=int, default=prefs.DPOSettings.eval_steps)
-    dp.add_argument("--resume", action="store_true", help="continue a killed run from its last complete checkpoint")
-    dp.set_defaults(func=dpo_train)
-    rw = verbs.add_parser("reward", help="train a reward model on preference pairs")
-    common(rw, pref_help, rlhf.RewardSettings.max_steps)
-    rw.add_argument("--like", help="SFT data whose train/val/test split the pairs follow")
-    rw.add_argument("--batch-size", type=int, default=rlhf.RewardSettings.batch_size)
-    rw.add_argument("--lr", type=float, default=rlhf.RewardSettings.learning_rate)
-    rw.add_argument("--eval-steps", type=int, default=rlhf.RewardSettings.eval_steps)
-    rw.add_argument("--resume", action="store_true", help="continue a killed run from its last complete checkpoint")
-    rw.set_defaults(func=reward_train)
-    for verb, fn, help_, kl in (("ppo", ppo_train, "PPO against a reward model (trl.experimental.ppo)", rlhf.PPOSettings.kl_coef),
-                                ("grpo", grpo_train, "GRPO against the rule-based ticket reward", rlhf.GRPOSettings.beta)):
-        v = verbs.add_parser(verb, help=help_)
-        common(v, "SFT data (chat rows with JSON answers): prompts and labels", rlhf.PPOSettings.max_steps)
-        if verb == "ppo": v.add_argument("--reward", help="the reward model folder `finetune-lab reward` saved")
-        v.add_argument("--lr", type=float, help="learning rate (default: the method's)")
-        v.add_argument("--kl", type=float, default=kl, help="KL coefficient toward the SFT reference")
-        v.add_argument("--eval-rows", type=int, default=16, help="held-out prompts probed before and after")
-        v.set_defaults(func=fn)
-    ev = verbs.add_parser("eval", help="evaluate models and adapters on held-out tickets (task, text, perplexity, safety)")
-    ev.add_argument("models", nargs="+", metavar="MODEL_OR_ADAPTER", help="a model name, a model folder or an adapter folder; NAME=PATH names the stage")
-    ev.add_argument("--data", help="SFT-format data whose test split is evaluated (default: data/tickets_raw.jsonl)")
-    ev.add_argument("--out", help="folder for metrics.json and the generation cache (default: runs/eval)")
-    ev.add_argument("--json", action="store_true", help="print the metrics as JSON")
-    ev.add_argument("--rows", type=int, default=0, help="evaluate only the first N test rows (0: all)")
-    ev.add_argument("--bias-rows", type=int, default=32, help="test rows turned into counterfactual pairs")
-    ev.add_argument("--probe", help="a text file of paragraphs for general-text perplexity (forgetting)")
-    ev.add_argument("--max-new-tokens", type=int, default=96)
-    ev.add_argument("--seed", type=int, default=42)
-    ev.add_argument("--device", help="cuda, mps or cpu (default: the best available)")
-    ev.set_defaults(func=eval_models)
-    rn = verbs.add_parser("run", help="the main job: run the lesson notebooks in order with papermill (data, sft, dpo, rlhf, eval)")
-    rn.add_argument("--profile", choices=("ci", "quick", "full"), default="quick", help="sizes: ci (tiny model), quick (bundled model, 2 CPU cores), full (GPU)")
-    rn.add_argument("--only", nargs="+", metavar="STEP", help="run only these steps: data sft dpo rlhf eval")
-    rn.add_argument("-p", "--param", action="append", default=[], metavar="KEY=VALUE", help="override a notebook parameter (STEP.KEY for one step); repeatable")
-    rn.add_argument("--out", help="the run folder (default: runs/pipeline-PROFILE)")
-    rn.add_argument("--resume", action="store_true", help="continue the run in --out: skip steps finished with the same parameters")
-    rn.add_argument("--nbs", help="the lesson notebooks' folder (default: nbs/ of this clone)")
-    rn.set_defaults(func=run_lessons)
-    dc = verbs.add_parser("docs", help="build the static docs site from the notebooks (no Quarto needed)")
-    dc.add_argument("--out", default="_docs", help="the site's folder (replaced; default: _docs)")
-    dc.add_argument("--nbs", help="the notebooks' folder (default: nbs/ of this project)")
-    dc.set_defaults(func=build_site)
-    return p
-
 def main(argv:list[str]=None # the arguments (default: `sys.argv[1:]`)
         ) -> int:
     "The `finetune-lab` command: 0 when it worked, 2 for bad input (one line on stderr), 1 for a bug."
-    args = _parser().parse_args(argv)
-    try: args.func(args)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try: args = parser(argv).parse_args(argv)
+    except SystemExit as e: return e.code or 0   # --help (0), or a usage error already said in one line (2)
+    try: globals()[args.handler](args)
     except FinetuneLabError as e:
         print(f"finetune-lab: error: {e}", file=sys.stderr)
         return e.exit_code

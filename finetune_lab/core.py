@@ -6,14 +6,14 @@ Docs: https://finetune-lab.github.io/finetune_lab/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #e4e45c9d
 from __future__ import annotations
-import os, shutil, uuid
+import logging, os, re, shutil, uuid, warnings
 from contextlib import contextmanager
-from datetime import datetime
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['FinetuneLabError', 'get_device', 'get_dtype', 'precision_kwargs', 'seed_everything', 'run_dir', 'atomic_path',
-           'write_json', 'progress', 'show_figures_as_png']
+__all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'get_dtype', 'precision_kwargs', 'seed_everything',
+           'claim_dir', 'atomic_path', 'write_json', 'field_help', 'progress_on', 'progress', 'hush_dependency_notices',
+           'show_figures_as_png']
 
 # %% ../nbs/00_core.ipynb #69a66dff
 class FinetuneLabError(Exception):
@@ -73,17 +73,16 @@ def seed_everything(seed:int=42 # the seed for `random`, NumPy and torch (CPU an
     return seed
 
 # %% ../nbs/00_core.ipynb #c9355bd5
-def run_dir(root:str|Path="runs", # the folder that holds all runs
-            name:str=None,         # this run's name; default: a timestamp
-            resume:bool=False      # reuse `root/name` if it already holds a run
-           ) -> Path:
-    "Create (or, with `resume`, reopen) the folder for one run's outputs."
-    root = Path(root)
-    if name is None: name = datetime.now().strftime("%Y%m%d-%H%M%S-") + uuid.uuid4().hex[:4]
-    path = root/name
-    if path.exists() and any(path.iterdir()) and not resume:
-        raise FinetuneLabError(f"run folder {path} already holds a run",
-                               fix="pass resume=True (--resume) to continue it, or choose another name")
+def claim_dir(path:str|Path,         # the run's folder
+              resume:bool=False,     # continue the run it holds
+              overwrite:bool=False   # delete the run it holds and start again
+             ) -> Path:
+    "The folder for one run, created if needed; a folder that holds a run needs `resume` or `overwrite`."
+    path = Path(path)
+    if path.exists() and any(path.iterdir()) and not (resume or overwrite):
+        raise FinetuneLabError(f"{path} already holds a run",
+                               fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to start again, or choose another folder")
+    if overwrite and not resume and path.exists(): shutil.rmtree(path)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -116,20 +115,51 @@ def write_json(path:str|Path, # where to write
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, **{"indent": 2, **kwargs}) + "\n")
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #5fe0109b
+def field_help(cls # a dataclass
+              ) -> dict[str, str]:
+    "Each field's comment in `cls`'s source, a subclass's comment winning over its parent's."
+    from dataclasses import fields
+    from fastcore.docments import docments
+    out = {}
+    for c in reversed([c for c in cls.__mro__ if "__dataclass_fields__" in vars(c)]):
+        out.update({k: v for k, v in docments(c).items() if v and k != "return"})
+    return {f.name: out.get(f.name, "") for f in fields(cls)}
+
 # %% ../nbs/00_core.ipynb #506f83a3
+def progress_on() -> bool:
+    "Whether progress bars are wanted: not when `FINETUNE_LAB_PROGRESS=0`."
+    return os.environ.get("FINETUNE_LAB_PROGRESS", "1") != "0"
+
+# %% ../nbs/00_core.ipynb #a432d749
 def progress(iterable=None, # what to iterate over (or None, and call `.update` yourself)
              desc:str=None, # the bar's label
              total:int=None, # the number of steps, when `iterable` has no `len`
              **kwargs):      # passed to `tqdm`
     "A tqdm progress bar in the project's style; `FINETUNE_LAB_PROGRESS=0` turns bars off."
     from tqdm.auto import tqdm
-    if os.environ.get("FINETUNE_LAB_PROGRESS", "1") == "0": kwargs["disable"] = True  # the switch beats any caller's choice
+    if not progress_on(): kwargs["disable"] = True  # the switch beats any caller's choice
     kwargs.setdefault("disable", False)
     kwargs.setdefault("dynamic_ncols", True)
     return tqdm(iterable, desc=desc, total=total, **kwargs)
 
 # %% ../nbs/00_core.ipynb #a3909127
-if os.environ.get("FINETUNE_LAB_PROGRESS") == "0": os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+if not progress_on():
+    for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"): os.environ.setdefault(_var, "1")
+
+# %% ../nbs/00_core.ipynb #235f22dd
+DEPENDENCY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`past_key_values`/`cache_params` are deprecated")   # TRL 1.12 calling transformers 5
+
+class _DropNotices(logging.Filter):
+    def filter(self, record): return not any(n in record.getMessage() for n in DEPENDENCY_NOTICES)
+
+def hush_dependency_notices():
+    "Drop the `DEPENDENCY_NOTICES` warnings and log lines, and nothing else."
+    for n in DEPENDENCY_NOTICES: warnings.filterwarnings("ignore", message=re.escape(n), category=FutureWarning)
+    log = logging.getLogger("transformers.utils.generic")
+    if not any(isinstance(f, _DropNotices) for f in log.filters): log.addFilter(_DropNotices())
+
+hush_dependency_notices()
 
 # %% ../nbs/00_core.ipynb #fd46feb5
 def show_figures_as_png(ip=None): # the IPython shell (default: the running one, if any)

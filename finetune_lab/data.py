@@ -6,19 +6,22 @@ Docs: https://finetune-lab.github.io/finetune_lab/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #c6b7edb8
 from __future__ import annotations
-import csv, hashlib, io, json, math, random, re, unicodedata
+import csv, hashlib, io, json, random, re, unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from .core import FinetuneLabError, atomic_path, progress, write_json
 
 # %% auto #0
-__all__ = ['CATEGORIES', 'PRIORITIES', 'SENTIMENTS', 'SYSTEM_PROMPT', 'TICKET_SCHEMA', 'FILE_TYPES', 'FORMATS', 'REMOVING',
-           'read_records', 'detect_format', 'parse_transcript', 'normalise', 'load_rows', 'prompt_text', 'answer_text',
-           'parse_answer', 'get_label', 'check_answer', 'detect_schema', 'count_tokens', 'find_pii', 'mask_pii',
-           'exact_key', 'shingles', 'minhashes', 'similar_pairs', 'clusters', 'find_duplicates', 'label_balance',
-           'bias_probe', 'split', 'find_leakage', 'DataConfig', 'QualityReport', 'DataCheck', 'check_dataset',
-           'plot_report', 'report_markdown', 'save_check', 'browse']
+__all__ = ['CATEGORIES', 'PRIORITIES', 'SENTIMENTS', 'SYSTEM_PROMPT', 'TICKET_SCHEMA', 'FILE_TYPES', 'READERS', 'FORMATS',
+           'REMOVING', 'read_jsonl', 'read_json', 'read_csv', 'read_parquet', 'read_records', 'detect_format',
+           'parse_transcript', 'normalise', 'load_rows', 'prompt_text', 'answer_text', 'parse_answer', 'get_label',
+           'check_answer', 'detect_schema', 'count_tokens', 'find_pii', 'mask_pii', 'exact_key', 'shingles',
+           'minhashes', 'similar_pairs', 'clusters', 'find_duplicates', 'label_balance', 'bias_probe', 'split',
+           'find_leakage', 'DataSettings', 'QualityReport', 'CheckResult', 'row_problems', 'mark_exact_duplicates',
+           'mark_near_duplicates', 'quarantine_rows', 'check_counts', 'check_examples', 'dataset_flags',
+           'check_dataset', 'plot_report', 'report_markdown', 'write_jsonl', 'save_check', 'browse', 'load_splits',
+           'held_out_rows', 'prompt_messages', 'drop_constant_system']
 
 # %% ../nbs/02_data.ipynb #25454ffc
 CATEGORIES = ["billing", "shipping", "technical", "account", "refund", "other"]
@@ -50,6 +53,66 @@ def _decode(path:Path) -> str:
         raise FinetuneLabError(f"{path}:{line}: not valid UTF-8 (byte {e.start})",
                                fix="re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
 
+def _empty(path:Path): return FinetuneLabError(f"{path}: the file is empty", fix="point at a file with at least one row")
+
+# %% ../nbs/02_data.ipynb #c7be1b32
+def read_jsonl(path:Path) -> list[tuple[int, dict, str]]:
+    "The records of a JSON-lines file: one JSON object per non-blank line."
+    out = []
+    for n, line in enumerate(_decode(path).splitlines(), 1):
+        if not line.strip(): continue
+        try: rec = json.loads(line)
+        except ValueError as e:
+            raise FinetuneLabError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})",
+                                   fix="repair or delete that line (a truncated last line means the file was cut)") from None
+        if not isinstance(rec, dict): raise FinetuneLabError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}")
+        out.append((n, rec, f"{path}:{n}"))
+    return out
+
+# %% ../nbs/02_data.ipynb #9ed4e762
+def read_json(path:Path) -> list[tuple[int, dict, str]]:
+    "The records of a JSON file: an array of objects (or an object holding one such array)."
+    try: data = json.loads(_decode(path))
+    except ValueError as e:
+        raise FinetuneLabError(f"{path}:{e.lineno}: not valid JSON ({e.msg})", fix="repair the file, or use JSONL (one object per line)") from None
+    if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list): data = next(iter(data.values()))
+    if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
+        raise FinetuneLabError(f"{path}: a JSON file must hold an array of objects", fix="wrap the rows in [ ... ] or use JSONL")
+    if not data: raise _empty(path)
+    return [(i + 1, r, f"{path}:item {i+1}") for i, r in enumerate(data)]
+
+# %% ../nbs/02_data.ipynb #5bd22d92
+def _maybe_json(v):
+    "CSV cells holding a JSON list of messages (a `messages` column, say) are parsed; other cells stay text."
+    s = v.strip() if isinstance(v, str) else v
+    if isinstance(s, str) and s[:1] == "[":
+        try: obj = json.loads(s)
+        except ValueError: return v
+        if isinstance(obj, list) and all(isinstance(m, dict) and "role" in m for m in obj): return obj
+    return v
+
+def read_csv(path:Path) -> list[tuple[int, dict, str]]:
+    "The records of a CSV file with a header row; cells that hold message lists as JSON are parsed."
+    reader, out = csv.DictReader(io.StringIO(_decode(path))), []
+    for r in reader:
+        n = reader.line_num
+        if None in r: raise FinetuneLabError(f"{path}:{n}: more fields than the header has", fix="quote fields that contain commas")
+        out.append((n, {k: _maybe_json(v) for k, v in r.items()}, f"{path}:{n}"))
+    if not out: raise FinetuneLabError(f"{path}: the file has a header but no rows", fix="point at a file with at least one row")
+    return out
+
+# %% ../nbs/02_data.ipynb #4715a079
+def read_parquet(path:Path) -> list[tuple[int, dict, str]]:
+    "The records of a Parquet file, one per table row."
+    import pyarrow.parquet as pq
+    try: rows = pq.read_table(path).to_pylist()
+    except Exception as e: raise FinetuneLabError(f"{path}: not a readable Parquet file ({type(e).__name__})", fix="re-export the file") from None
+    if not rows: raise _empty(path)
+    return [(i + 1, r, f"{path}:row {i+1}") for i, r in enumerate(rows)]
+
+# %% ../nbs/02_data.ipynb #63b4bd2d
+READERS = {"jsonl": read_jsonl, "json": read_json, "csv": read_csv, "parquet": read_parquet}
+
 def read_records(source, # a path (.jsonl/.json/.csv/.parquet) or a `datasets.Dataset`/`DatasetDict`
                  file_type:str=None # override the type given by the extension
                 ) -> list[tuple[int, dict, str]]:
@@ -61,53 +124,10 @@ def read_records(source, # a path (.jsonl/.json/.csv/.parquet) or a `datasets.Da
     path = Path(source)
     if not path.is_file(): raise FinetuneLabError(f"{path}: no such file", fix="check the path")
     kind = file_type or FILE_TYPES.get(path.suffix.lower())
-    if kind not in FILE_TYPES.values():
+    if kind not in READERS:
         raise FinetuneLabError(f"{path}: unknown file type {path.suffix or '(no extension)'!r}",
                                fix=f"use one of {', '.join(sorted(FILE_TYPES))} or pass --file-type")
-    if kind == "parquet":
-        import pyarrow.parquet as pq
-        try: rows = pq.read_table(path).to_pylist()
-        except Exception as e: raise FinetuneLabError(f"{path}: not a readable Parquet file ({type(e).__name__})", fix="re-export the file") from None
-        if not rows: raise FinetuneLabError(f"{path}: the file is empty", fix="point at a file with at least one row")
-        return [(i + 1, r, f"{path}:row {i+1}") for i, r in enumerate(rows)]
-    text = _decode(path)
-    if kind == "jsonl":
-        out = []
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip(): continue
-            try: rec = json.loads(line)
-            except ValueError as e:
-                raise FinetuneLabError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})",
-                                       fix="repair or delete that line (a truncated last line means the file was cut)") from None
-            if not isinstance(rec, dict): raise FinetuneLabError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}")
-            out.append((n, rec, f"{path}:{n}"))
-        return out
-    if kind == "json":
-        try: data = json.loads(text)
-        except ValueError as e:
-            raise FinetuneLabError(f"{path}:{e.lineno}: not valid JSON ({e.msg})", fix="repair the file, or use JSONL (one object per line)") from None
-        if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list): data = next(iter(data.values()))
-        if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
-            raise FinetuneLabError(f"{path}: a JSON file must hold an array of objects", fix="wrap the rows in [ ... ] or use JSONL")
-        if not data: raise FinetuneLabError(f"{path}: the file is empty", fix="point at a file with at least one row")
-        return [(i + 1, r, f"{path}:item {i+1}") for i, r in enumerate(data)]
-    reader = csv.DictReader(io.StringIO(text))
-    out = []
-    for r in reader:
-        n = reader.line_num
-        if None in r: raise FinetuneLabError(f"{path}:{n}: more fields than the header has", fix="quote fields that contain commas")
-        out.append((n, {k: _maybe_json(v) for k, v in r.items()}, f"{path}:{n}"))
-    if not out: raise FinetuneLabError(f"{path}: the file has a header but no rows", fix="point at a file with at least one row")
-    return out
-
-def _maybe_json(v):
-    "CSV cells holding a JSON list of messages (a `messages` column, say) are parsed; other cells stay text."
-    s = v.strip() if isinstance(v, str) else v
-    if isinstance(s, str) and s[:1] == "[":
-        try: obj = json.loads(s)
-        except ValueError: return v
-        if isinstance(obj, list) and all(isinstance(m, dict) and "role" in m for m in obj): return obj
-    return v
+    return READERS[kind](path)
 
 # %% ../nbs/02_data.ipynb #147db525
 FORMATS = ("chat", "alpaca", "prompt_completion", "preference", "transcript")
@@ -409,7 +429,7 @@ def find_leakage(splits:dict[str, list[dict]], threshold:float=0.5) -> list[tupl
 
 # %% ../nbs/02_data.ipynb #7484cf5f
 @dataclass
-class DataConfig:
+class DataSettings:
     "Settings of `check_dataset`; the defaults suit the ticket data and most chat datasets."
     format:str = "auto"                 # row format: "auto" or one of FORMATS
     schema:dict|str|None = "auto"       # JSON schema for answers; "auto": `detect_schema`; None: no validation
@@ -423,7 +443,7 @@ class DataConfig:
     max_imbalance:float = 3.0           # largest/smallest class ratio above which balance is flagged
     mask_pii:bool = False               # replace PII with [EMAIL]/[PHONE]/[CARD] in kept rows
     ratios:tuple = (0.8, 0.1, 0.1)      # train/val/test
-    seed:int = 42
+    seed:int = 42                       # the split's seed
     model_name:str = "smollm2-135m-instruct"  # whose tokenizer counts tokens
 
 # %% ../nbs/02_data.ipynb #841217c5
@@ -450,7 +470,7 @@ class QualityReport:
 
 # %% ../nbs/02_data.ipynb #5319cbd4
 @dataclass
-class DataCheck:
+class CheckResult:
     "The result of `check_dataset`: the report, the kept rows, the quarantine and the splits."
     report:QualityReport
     kept:list
@@ -458,80 +478,119 @@ class DataCheck:
     splits:dict
     lengths:list = field(default_factory=list, repr=False)  # (prompt_tokens, total_tokens) per input row
 
-def check_dataset(source,                    # a path or a `datasets.Dataset`
-                  config:DataConfig=None,
-                  tokenizer=None,            # default: the tokenizer of `config.model_name`
-                  file_type:str=None) -> DataCheck:
-    "Load `source`, run every check, split; nothing is dropped without a recorded reason."
-    cfg = config or DataConfig()
-    rows = load_rows(source, cfg.format, file_type)
-    schema = detect_schema(rows) if cfg.schema == "auto" else cfg.schema
-    if tokenizer is None:
-        from finetune_lab.models import load_tokenizer
-        tokenizer = load_tokenizer(cfg.model_name)
-    reasons = defaultdict(list)   # index -> [(check, detail)]
-    lengths = count_tokens(rows, tokenizer)
+# %% ../nbs/02_data.ipynb #751baf29
+def row_problems(rows:list[dict], schema, lengths:list[tuple[int, int]], cfg:DataSettings) -> dict[int, list]:
+    "The row-level checks: an empty or invalid answer, a prompt too short, a conversation too long."
+    reasons = defaultdict(list)
     for i, r in enumerate(progress(rows, desc="row checks", unit="row")):
         if (p := check_answer(r, schema)): reasons[i].append(p)
         pt, tt = lengths[i]
         if pt < cfg.min_prompt_tokens: reasons[i].append(("too_short", f"prompt has {pt} tokens (< {cfg.min_prompt_tokens})"))
         if tt > cfg.max_tokens: reasons[i].append(("too_long", f"{tt} tokens (> {cfg.max_tokens})"))
+    return reasons
+
+# %% ../nbs/02_data.ipynb #c9c68b7d
+def mark_exact_duplicates(rows:list[dict], reasons:dict[int, list]) -> dict[int, list]:
+    "Add `exact_duplicates` to every row (not already quarantined) that copies an earlier one."
     seen = {}
     for i, r in enumerate(rows):
-        if i in reasons: continue
+        if reasons.get(i): continue
         k = exact_key(r)
         if k in seen: reasons[i].append(("exact_duplicates", f"copy of line {rows[seen[k]]['line']}"))
         else: seen[k] = i
-    alive = [i for i in range(len(rows)) if i not in reasons]
+    return reasons
+
+# %% ../nbs/02_data.ipynb #c8e9d940
+def mark_near_duplicates(rows:list[dict], reasons:dict[int, list], threshold:float, label_key:str|None) -> tuple[list[int], list]:
+    "Add near duplicates and label conflicts among the rows still standing; returns the kept indices and their prompts' MinHashes."
+    alive = [i for i in range(len(rows)) if not reasons.get(i)]
     sigs = minhashes([prompt_text(rows[i]) for i in alive])
-    label_key = cfg.label_key if schema is not None else None
-    for j, p in find_duplicates([rows[i] for i in alive], cfg.near_threshold, label_key, sigs).items(): reasons[alive[j]].append(p)
-    keep = [k for k, i in enumerate(alive) if i not in reasons]
-    kept_sigs = [sigs[k] for k in keep]
-    kept = [dict(rows[alive[k]]) for k in keep]
-    related = clusters(len(kept), similar_pairs(kept_sigs, cfg.leak_threshold))
-    pii = {i: found for i, r in enumerate(rows) if (found := find_pii(prompt_text(r) + "\n" + answer_text(r)))}
-    if cfg.mask_pii:
-        for r in kept:
-            for part in ("messages", "prompt", "chosen", "rejected"):
-                if part in r: r[part] = [{**m, "content": mask_pii(m["content"])} for m in r[part]]
-    splits = split(kept, cfg.ratios, cfg.seed, related, cfg.group_key, label_key)
-    leaks = find_leakage(splits, cfg.leak_threshold) if all(splits.values()) else []
-    quarantine = [{"line": rows[i]["line"], "reasons": [c for c, _ in rs], "details": [d for _, d in rs], "row": rows[i]}
-                  for i, rs in sorted(reasons.items())]
+    for j, p in find_duplicates([rows[i] for i in alive], threshold, label_key, sigs).items(): reasons[alive[j]].append(p)
+    keep = [k for k, i in enumerate(alive) if not reasons.get(i)]
+    return [alive[k] for k in keep], [sigs[k] for k in keep]
+
+# %% ../nbs/02_data.ipynb #3d4e863c
+def quarantine_rows(rows:list[dict], reasons:dict[int, list]) -> list[dict]:
+    "One quarantine record per row with a reason: its line, its reasons and details, the row itself."
+    return [{"line": rows[i]["line"], "reasons": [c for c, _ in rs], "details": [d for _, d in rs], "row": rows[i]}
+            for i, rs in sorted(reasons.items()) if rs]
+
+# %% ../nbs/02_data.ipynb #33ed2c2d
+def check_counts(rows:list[dict], reasons:dict[int, list], pii:dict, related:list) -> dict[str, int]:
+    "Rows per quarantining check (the pair checks only for preference data), then the rows flagged for PII and leakage."
     counts = Counter(c for rs in reasons.values() for c, _ in rs)
     counts = {c: counts.get(c, 0) for c in REMOVING if c not in ("identical_pair", "missing_prompt") or "chosen" in rows[0]}
-    counts.update(pii=len(pii), leakage=sum(len(g) - 1 for g in related))
+    return {**counts, "pii": len(pii), "leakage": sum(len(g) - 1 for g in related)}
+
+# %% ../nbs/02_data.ipynb #67db4d2b
+def check_examples(rows:list[dict], reasons:dict[int, list], pii:dict, kept:list[dict], related:list, per_check:int=3) -> dict:
+    "Up to `per_check` `{line, detail, text}` examples per check, PII masked."
     examples = defaultdict(list)
     for i, rs in sorted(reasons.items()):
         for c, d in rs:
-            if len(examples[c]) < 3: examples[c].append({"line": rows[i]["line"], "detail": d, "text": prompt_text(rows[i])[:160]})
-    for i, found in list(pii.items())[:3]: examples["pii"].append({"line": rows[i]["line"], "detail": ", ".join(k for k, _ in found), "text": mask_pii(prompt_text(rows[i]))[:160]})
-    for g in related[:3]: examples["leakage"].append({"line": kept[g[1]]["line"], "detail": f"related to line {kept[g[0]]['line']}", "text": prompt_text(kept[g[1]])[:160]})
-    balance = label_balance(kept, label_key) if label_key else {}
-    bias = {k: bias_probe(kept, k, label_key) for k in cfg.bias_keys} if label_key else {}
+            if len(examples[c]) < per_check: examples[c].append({"line": rows[i]["line"], "detail": d, "text": prompt_text(rows[i])[:160]})
+    for i, found in list(pii.items())[:per_check]:
+        examples["pii"].append({"line": rows[i]["line"], "detail": ", ".join(k for k, _ in found), "text": mask_pii(prompt_text(rows[i]))[:160]})
+    for g in related[:per_check]:
+        examples["leakage"].append({"line": kept[g[1]]["line"], "detail": f"related to line {kept[g[0]]['line']}", "text": prompt_text(kept[g[1]])[:160]})
+    return dict(examples)
+
+# %% ../nbs/02_data.ipynb #ea02c96d
+def dataset_flags(balance:dict, bias:dict, leaks:list, cfg:DataSettings) -> list[str]:
+    "Dataset-level warnings: class imbalance, a label distribution skewed by another field, leakage after the split."
     flags = []
     if balance.get("imbalance_ratio") and balance["imbalance_ratio"] > cfg.max_imbalance:
         flags.append(f"class imbalance: largest/smallest = {balance['imbalance_ratio']} (> {cfg.max_imbalance})")
     flags += [f"bias: {k}={g} has a label distribution {v['tvd']} away from the overall one" for k, b in bias.items() for g, v in b.items() if v["tvd"] > 0.3]
     if leaks: flags.append(f"leakage: {len(leaks)} val/test rows resemble training rows")
+    return flags
+
+# %% ../nbs/02_data.ipynb #f0a11eae
+def _mask_rows(rows:list[dict]) -> list[dict]:
+    return [{**r, **{part: [{**m, "content": mask_pii(m["content"])} for m in r[part]] for part in ("messages", "prompt", "chosen", "rejected") if part in r}}
+            for r in rows]
+
+def check_dataset(source,                    # a path or a `datasets.Dataset`
+                  config:DataSettings=None,
+                  tokenizer=None,            # default: the tokenizer of `config.model_name`
+                  file_type:str=None) -> CheckResult:
+    "Load `source`, run every check, split; nothing is dropped without a recorded reason."
+    cfg = config or DataSettings()
+    rows = load_rows(source, cfg.format, file_type)
+    schema = detect_schema(rows) if cfg.schema == "auto" else cfg.schema
+    label_key = cfg.label_key if schema is not None else None
+    if tokenizer is None:
+        from finetune_lab.models import load_tokenizer
+        tokenizer = load_tokenizer(cfg.model_name)
+    lengths = count_tokens(rows, tokenizer)
+    reasons = mark_exact_duplicates(rows, row_problems(rows, schema, lengths, cfg))
+    keep, sigs = mark_near_duplicates(rows, reasons, cfg.near_threshold, label_key)
+    kept = [dict(rows[i]) for i in keep]
+    related = clusters(len(kept), similar_pairs(sigs, cfg.leak_threshold))
+    pii = {i: found for i, r in enumerate(rows) if (found := find_pii(prompt_text(r) + "\n" + answer_text(r)))}
+    if cfg.mask_pii: kept = _mask_rows(kept)
+    splits = split(kept, cfg.ratios, cfg.seed, related, cfg.group_key, label_key)
+    leaks = find_leakage(splits, cfg.leak_threshold) if all(splits.values()) else []
+    balance = label_balance(kept, label_key) if label_key else {}
+    bias = {k: bias_probe(kept, k, label_key) for k in cfg.bias_keys} if label_key else {}
+    quarantine = quarantine_rows(rows, reasons)
     report = QualityReport(
         source=str(source) if isinstance(source, (str, Path)) else type(source).__name__,
-        rows_in=len(rows), rows_kept=len(kept), rows_quarantined=len(quarantine), counts=counts, examples=dict(examples),
-        balance=balance, bias=bias, flags=flags,
+        rows_in=len(rows), rows_kept=len(kept), rows_quarantined=len(quarantine), counts=check_counts(rows, reasons, pii, related),
+        examples=check_examples(rows, reasons, pii, kept, related), balance=balance, bias=bias, flags=dataset_flags(balance, bias, leaks, cfg),
         split={"sizes": {k: len(v) for k, v in splits.items()}, "ratios": list(cfg.ratios), "groups": len(related),
                "group_key": cfg.group_key, "leaks_after_split": len(leaks)},
         lengths={"prompt_tokens_max": max(p for p, _ in lengths), "total_tokens_max": max(t for _, t in lengths),
                  "total_tokens_median": sorted(t for _, t in lengths)[len(lengths) // 2]},
         config={**asdict(cfg), "schema": "ticket" if schema is TICKET_SCHEMA else schema})
     assert report.rows_in == report.rows_kept + report.rows_quarantined
-    return DataCheck(report, kept, quarantine, splits, lengths)
+    return CheckResult(report, kept, quarantine, splits, lengths)
 
 # %% ../nbs/02_data.ipynb #be7b6064
-def plot_report(check:DataCheck, out:Path, config:DataConfig=None) -> list[Path]:
+def plot_report(check:CheckResult, out:Path, config:DataSettings=None) -> list[Path]:
     "Save the report's plots (checks, token lengths, balance, bias) under `out`; returns their paths."
     from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend needed
-    cfg, r, paths = config or DataConfig(), check.report, []
+    cfg, r, paths = config or DataSettings(), check.report, []
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     def subplots(figsize):
         fig = Figure(figsize=figsize); return fig, fig.subplots()
@@ -560,7 +619,7 @@ def plot_report(check:DataCheck, out:Path, config:DataConfig=None) -> list[Path]
         labels = list(next(iter(groups.values()))["distribution"])
         fig, ax = subplots((7, 0.5 + 0.45 * len(groups)))
         m = [[groups[g]["distribution"][l] for l in labels] for g in groups]
-        im = ax.imshow(m, cmap="Blues", vmin=0, vmax=1, aspect="auto")
+        ax.imshow(m, cmap="Blues", vmin=0, vmax=1, aspect="auto")
         ax.set_xticks(range(len(labels)), labels); ax.set_yticks(range(len(groups)), [f"{g} (tvd {groups[g]['tvd']})" for g in groups])
         for y, row in enumerate(m):
             for x, v in enumerate(row): ax.text(x, y, f"{v:.2f}", ha="center", va="center", fontsize=7)
@@ -581,24 +640,26 @@ def report_markdown(r:QualityReport) -> str:
     if r.plots: lines += ["", "## Plots", ""] + [f"![{Path(p).stem}]({p})" for p in r.plots]
     return "\n".join(lines) + "\n"
 
-def _write_jsonl(path:Path, rows:list[dict]):
+def write_jsonl(path:Path, rows:list[dict]) -> Path:
+    "Write `rows` to `path` as JSON lines, atomically."
     with atomic_path(path) as tmp:
         with open(tmp, "w", encoding="utf-8") as f:
             for r in rows: f.write(json.dumps(r, ensure_ascii=False) + "\n")
+    return Path(path)
 
-def save_check(check:DataCheck, out:str|Path, config:DataConfig=None) -> Path:
+def save_check(check:CheckResult, out:str|Path, config:DataSettings=None) -> Path:
     "Write report.json/.md, plots/, quarantine.jsonl and train/val/test.jsonl under `out`."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
     check.report.plots = [str(p.relative_to(out)) for p in plot_report(check, out/"plots", config)]
     write_json(out/"report.json", check.report.to_dict())
     with atomic_path(out/"report.md") as tmp: tmp.write_text(report_markdown(check.report))
-    _write_jsonl(out/"quarantine.jsonl", check.quarantine)
+    write_jsonl(out/"quarantine.jsonl", check.quarantine)
     for name, rows in check.splits.items():
-        _write_jsonl(out/f"{name}.jsonl", [{k: v for k, v in r.items() if k != "line" and (k != "meta" or v)} for r in rows])
+        write_jsonl(out/f"{name}.jsonl", [{k: v for k, v in r.items() if k != "line" and (k != "meta" or v)} for r in rows])
     return out
 
 # %% ../nbs/02_data.ipynb #7059f8a4
-def browse(check:DataCheck, per_page:int=5):
+def browse(check:CheckResult, per_page:int=5):
     "An ipywidgets browser of quarantined and flagged rows, by reason."
     import html
     import ipywidgets as W
@@ -619,3 +680,42 @@ def browse(check:DataCheck, per_page:int=5):
                              f"<span style='color:#555'>&rarr; {html.escape(a[:200])}</span></p>" for l, d, p, a in rows)
     reason.observe(show, "value"); page.observe(show, "value"); show()
     return W.VBox([W.HBox([reason, page]), body])
+
+# %% ../nbs/02_data.ipynb #b8ae3db4
+def load_splits(data,                            # a `CheckResult`, a dict of row lists, a folder with train/val/test.jsonl, or a raw file
+                seed:int=42,                     # the split's seed, for a raw file
+                model_name:str="tiny"            # whose tokenizer counts tokens, for a raw file (`tiny` has SmolLM2's)
+               ) -> dict[str, list[dict]]:
+    "Train/val/test rows from any of the shapes this lesson produces."
+    if isinstance(data, CheckResult): return data.splits
+    if isinstance(data, dict): return {k: list(v) for k, v in data.items()}
+    path = Path(data)
+    if path.is_dir():
+        if not (path/"train.jsonl").is_file(): raise FinetuneLabError(f"{path} has no train.jsonl", fix="run `finetune-lab data check` and pass its --out folder")
+        return {s: load_rows(path/f"{s}.jsonl") if (path/f"{s}.jsonl").is_file() else [] for s in ("train", "val", "test")}
+    return check_dataset(path, DataSettings(group_key="phrasing", seed=seed, model_name=model_name)).splits
+
+# %% ../nbs/02_data.ipynb #1e8ca212
+def held_out_rows(data,                 # a file of held-out rows, a raw training file, a folder of splits, a `CheckResult` or a dict of splits
+                  split:str=None,       # which split; None: every row of a file, the test split of anything else
+                  seed:int=42, model_name:str="tiny") -> list[dict]:
+    "The rows to evaluate on: every row of a file you bring, or one split (test by default) of the data."
+    name = split or "test"
+    if isinstance(data, (dict, CheckResult)): rows, where = load_splits(data).get(name, []), "the splits"
+    elif Path(data).is_dir(): rows, where = load_rows(Path(data)/f"{name}.jsonl") if (Path(data)/f"{name}.jsonl").is_file() else [], data
+    else: rows, where = load_rows(data) if split is None else load_splits(data, seed, model_name).get(name, []), data
+    if not rows: raise FinetuneLabError(f"{where}: no {name} rows to evaluate on", fix="pass a file of held-out rows, or data with a test split")
+    return rows
+
+# %% ../nbs/02_data.ipynb #e9172969
+def prompt_messages(row:dict, drop_system:bool=False) -> list[dict]:
+    "The messages a model answers: a pair's prompt, or all but a chat row's last message (its reference answer)."
+    msgs = row["prompt"] if "chosen" in row else row["messages"][:-1]
+    return [m for m in msgs if not (drop_system and m["role"] == "system")]
+
+def drop_constant_system(splits:dict[str, list[dict]]) -> tuple[dict, str|None]:
+    "Drop the system message when every row of every split (chat rows or pairs) starts with the same one; returns `(splits, dropped)`."
+    part = lambda r: "prompt" if "chosen" in r else "messages"
+    systems = {r[part(r)][0]["content"] if r[part(r)] and r[part(r)][0]["role"] == "system" else None for rows in splits.values() for r in rows}
+    if len(systems) != 1 or None in systems: return splits, None
+    return {k: [{**r, part(r): r[part(r)][1:]} for r in v] for k, v in splits.items()}, systems.pop()

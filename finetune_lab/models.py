@@ -14,7 +14,8 @@ from .core import FinetuneLabError, atomic_path, get_device, get_dtype, progress
 # %% auto #0
 __all__ = ['MODELS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'MANIFEST', 'TINY_SHAPE', 'ModelSpec', 'cache_dir',
            'bundled_gguf', 'write_manifest', 'folder_problem', 'prepare_tokenizer', 'build_tiny', 'prepare_model',
-           'check_chat_template', 'set_padding', 'load_tokenizer', 'load_model', 'generate']
+           'check_chat_template', 'set_padding', 'load_tokenizer', 'load_model', 'generate', 'check_adapter',
+           'merge_adapter']
 
 # %% ../nbs/01_models.ipynb #080de2de
 @dataclass(frozen=True)
@@ -271,3 +272,31 @@ def generate(model, tokenizer,
             answers += tokenizer.batch_decode(new, skip_special_tokens=True)
     finally: tokenizer.padding_side = side
     return [a.strip() for a in answers]
+
+# %% ../nbs/01_models.ipynb #97e11a73
+def check_adapter(path:str|Path # a folder that should hold a PEFT adapter
+                 ) -> Path:
+    "`path` if it is a PEFT adapter folder, else a one-line error."
+    if not (Path(path)/"adapter_config.json").is_file():
+        raise FinetuneLabError(f"{path}: not a PEFT adapter folder (no adapter_config.json)", fix="pass the adapter folder `finetune-lab sft` saved")
+    return Path(path)
+
+# %% ../nbs/01_models.ipynb #cf3eeaff
+def merge_adapter(name:str,             # the base model: registry name, local folder or hub id
+                  adapter=None,         # a LoRA adapter folder to merge into it (None: the base as it is)
+                  kind:str="causal"):   # "causal", or "seq-cls": the merged body under a new one-output scoring head
+    "The base model `name` in fp32 with `adapter` merged into its weights."
+    import torch
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    path = prepare_model(name)
+    if adapter is not None: check_adapter(adapter)
+    if kind == "seq-cls" and adapter is None:
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    causal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    if adapter is not None:
+        from peft import PeftModel
+        causal = PeftModel.from_pretrained(causal, str(adapter)).merge_and_unload()
+    if kind == "causal": return causal
+    seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    seq.model.load_state_dict(causal.model.state_dict())   # the body's weights are the merged ones; the head is new
+    return seq

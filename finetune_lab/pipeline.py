@@ -7,21 +7,35 @@ Docs: https://finetune-lab.github.io/finetune_lab/pipeline.html.md"""
 # %% ../nbs/07_pipeline.ipynb #3abf616c
 from __future__ import annotations
 import ast, hashlib, json, logging, os, sys, time
+from dataclasses import dataclass
 from pathlib import Path
-from .core import FinetuneLabError, write_json
+from .core import FinetuneLabError, claim_dir, write_json
 
 # %% auto #0
-__all__ = ['STEPS', 'PROFILES', 'PATH_KEYS', 'SUMMARY_METRICS', 'lesson_dir', 'parse_params', 'declared_parameters',
-           'step_parameters', 'check_overrides', 'StepFailed', 'runnable_notebook', 'run_step', 'collect_metrics',
-           'summary_table', 'run_pipeline']
+__all__ = ['STEPS', 'PROFILES', 'PATH_KEYS', 'Step', 'lesson_dir', 'parse_params', 'declared_parameters', 'own_parameters',
+           'run_parameters', 'check_overrides', 'ci_parameters', 'StepFailed', 'runnable_notebook', 'run_step',
+           'collect_metrics', 'summary_table', 'check_needs', 'run_pipeline']
 
 # %% ../nbs/07_pipeline.ipynb #6a6b2849
-STEPS = {"data": "02_data.ipynb", "sft": "03_sft.ipynb", "dpo": "04_dpo.ipynb", "rlhf": "05_rlhf.ipynb", "eval": "06_evaluate.ipynb"}
+@dataclass(frozen=True)
+class Step:
+    "One step of the pipeline."
+    name:str                  # what `--only` and `-p STEP.KEY` call it
+    notebook:str              # the lesson notebook it runs
+    model:str|None = None     # where it leaves its model in its folder (`{key}`: the step's parameter `key`)
+    needs:tuple = ()          # steps whose model it starts from (handed over as `<step>_adapter`)
+
+STEPS = {s.name: s for s in (
+    Step("data", "02_data.ipynb"),
+    Step("sft", "03_sft.ipynb", model="{method}/adapter"),
+    Step("dpo", "04_dpo.ipynb", model="adapter", needs=("sft",)),
+    Step("rlhf", "05_rlhf.ipynb", model="ppo/adapter", needs=("sft",)),
+    Step("eval", "06_evaluate.ipynb"))}
 
 PROFILES = {
     # the tiny random model (same tokenizer) and a few rows: checks the whole chain in CI in minutes
     "ci": {"lesson_cells": False, "params": {
-        "model_name": "tiny", "sft.max_steps": 4, "sft.eval_rows": 8,
+        "model_name": "tiny", "sft.max_steps": 4, "sft.eval_rows": 8, "sft.compare_steps": 2,
         "dpo.max_steps": 3, "dpo.eval_rows": 8, "dpo.mistake_rows": 8, "dpo.pair_rows": 16,
         "rlhf.max_steps": 2, "rlhf.reward_steps": 3, "rlhf.eval_rows": 4, "rlhf.pair_rows": 16,
         "eval.eval_rows": 6, "eval.bias_rows": 4}},
@@ -43,8 +57,8 @@ def lesson_dir(nbs=None) -> Path:
     "The folder of the lesson notebooks: `nbs`, else `FINETUNE_LAB_NBS`, else `nbs/` next to this package (a clone or an editable install)."
     import finetune_lab
     d = Path(nbs or os.environ.get("FINETUNE_LAB_NBS") or Path(finetune_lab.__file__).resolve().parent.parent/"nbs")
-    if not all((d/nb).is_file() for nb in STEPS.values()):
-        raise FinetuneLabError(f"no lesson notebooks in {d} (looked for {', '.join(STEPS.values())})",
+    if not all((d/s.notebook).is_file() for s in STEPS.values()):
+        raise FinetuneLabError(f"no lesson notebooks in {d} (looked for {', '.join(s.notebook for s in STEPS.values())})",
                                fix="run from a clone of the repository (pip install -e .), or pass --nbs PATH/TO/nbs")
     return d
 
@@ -64,28 +78,40 @@ def parse_params(items:list[str]) -> dict:
 PATH_KEYS = ("data_path", "prefs_path", "sft_adapter")
 
 def declared_parameters(notebook:str|Path) -> dict:
-    "The parameters a notebook's `parameters` cell declares, with their defaults (as papermill reads them)."
+    "The parameters a notebook's `parameters` cell declares, with their defaults (as papermill reads them: source text)."
     import papermill as pm
     return {k: v["default"] for k, v in pm.inspect_notebook(str(notebook)).items()}
 
-def _sft_method(profile:str, overrides:dict) -> str:
-    "The SFT step's method (its folder in the run, where DPO and RLHF find the adapter)."
-    return {**PROFILES[profile]["params"], **overrides}.get("sft.method", "lora")
-
-def step_parameters(step:str, declared:dict, profile:str, overrides:dict, run:Path) -> dict:
-    "What papermill injects into `step`'s notebook."
+def own_parameters(step:str, declared, profile:str, overrides:dict) -> dict:
+    "What `step` gets from the profile and `-p` (only names it declares): `key`, then `step.key`, layer by layer."
     if profile not in PROFILES: raise FinetuneLabError(f"unknown profile {profile!r}", fix=f"use one of {', '.join(PROFILES)}")
     out = {}
-    for layer in (PROFILES[profile]["params"], overrides):   # within a layer, `step.key` beats `key`
+    for layer in (PROFILES[profile]["params"], overrides):
         out.update({k: v for k, v in layer.items() if "." not in k and k in declared})
         out.update({k.split(".", 1)[1]: v for k, v in layer.items() if k.startswith(step + ".") and k.split(".", 1)[1] in declared})
     for k in PATH_KEYS:
         if k in out and isinstance(out[k], str): out[k] = str(Path(out[k]).expanduser().resolve())
-    wiring = {"out_dir": run/step, "sft_adapter": run/"sft"/_sft_method(profile, overrides)/"adapter", "runs_dir": run}
-    if "sft_adapter" in out and step != "sft": wiring.pop("sft_adapter")  # the user chose an adapter to start from
-    out.update({k: str(v) for k, v in wiring.items() if k in declared})
     return out
 
+# %% ../nbs/07_pipeline.ipynb #e2a5036a
+def _literal(src):
+    try: return ast.literal_eval(src)
+    except (ValueError, SyntaxError): return src
+
+def run_parameters(declared:dict[str, dict], profile:str, overrides:dict, run:Path) -> dict[str, dict]:
+    "What papermill injects into each step: its own parameters, then the run's wiring (folders, and each earlier step's model)."
+    own = {s: own_parameters(s, d, profile, overrides) for s, d in declared.items()}
+    merged = {s: {**{k: _literal(v) for k, v in d.items()}, **own[s]} for s, d in declared.items()}
+    out = {}
+    for name in declared:
+        wiring = {"out_dir": run/name, "runs_dir": run}
+        for earlier in list(STEPS)[:list(STEPS).index(name)]:
+            if STEPS[earlier].model and earlier in merged and f"{earlier}_adapter" not in own[name]:
+                wiring[f"{earlier}_adapter"] = run/earlier/STEPS[earlier].model.format(**merged[earlier])
+        out[name] = {**own[name], **{k: str(v) for k, v in wiring.items() if k in declared[name]}}
+    return out
+
+# %% ../nbs/07_pipeline.ipynb #ff89fdaa
 def check_overrides(overrides:dict, declared:dict[str, dict]):
     "Refuse a `-p` key that no step declares (a typo would otherwise be silently ignored)."
     for k in overrides:
@@ -95,6 +121,10 @@ def check_overrides(overrides:dict, declared:dict[str, dict]):
         if not any(name in d for d in where):
             known = sorted({p for d in where for p in d})
             raise FinetuneLabError(f"-p {k}: no lesson notebook{' of step ' + step if step else ''} has a parameter {name!r}", fix=f"use one of {', '.join(known)}")
+
+def ci_parameters(step:str|None, names) -> dict:
+    "Under nbdev-test (`IN_TEST` set): the `ci` profile's values for the parameters in `names` (plain keys, and `step.key`); else nothing."
+    return own_parameters(step or "", set(names), "ci", {}) if os.environ.get("IN_TEST") else {}
 
 # %% ../nbs/07_pipeline.ipynb #98641d20
 class StepFailed(FinetuneLabError):
@@ -130,11 +160,11 @@ def run_step(step:str, nbs:Path, run:Path, params:dict, lesson_cells:bool=False,
     "Execute one step's notebook with papermill; its executed copy goes to `run/notebooks`, its outputs to `run/logs`."
     import papermill as pm
     from papermill.exceptions import PapermillExecutionError
-    nb, skipped = runnable_notebook(nbs/STEPS[step], lesson_cells)
+    nb, skipped = runnable_notebook(nbs/STEPS[step].notebook, lesson_cells)
     (run/"notebooks").mkdir(parents=True, exist_ok=True); (run/"logs").mkdir(parents=True, exist_ok=True)
     log = logging.getLogger("papermill"); handler = logging.FileHandler(run/"logs"/f"{step}.log", mode="w", encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(message)s")); log.addHandler(handler); log.setLevel(logging.INFO); log.propagate = False
-    executed = run/"notebooks"/STEPS[step]
+    executed = run/"notebooks"/STEPS[step].notebook
     in_test = os.environ.pop("IN_TEST", None)  # the kernel inherits our environment: run at the profile's sizes, not nbdev-test's
     start = time.perf_counter()
     try:
@@ -145,17 +175,15 @@ def run_step(step:str, nbs:Path, run:Path, params:dict, lesson_cells:bool=False,
         number = next((c.metadata["lesson_cell"] for c in nb.cells if c.source == e.source), None)  # its number in the lesson
         where = f"cell {number} (`{_first_line(e.source)}`)" if number else f"cell `{_first_line(e.source)}`"
         evalue = " ".join(str(e.evalue).split())
-        raise StepFailed(f"step {step!r} failed: {STEPS[step]}, {where}: {e.ename}: {evalue} (the executed notebook: {executed})",
+        raise StepFailed(f"step {step!r} failed: {STEPS[step].notebook}, {where}: {e.ename}: {evalue} (the executed notebook: {executed})",
                          2 if e.ename == "FinetuneLabError" else 1) from None
     finally:
         log.removeHandler(handler); handler.close()
         if in_test is not None: os.environ["IN_TEST"] = in_test
-    return {"step": step, "notebook": STEPS[step], "seconds": round(time.perf_counter() - start, 1), "lesson_cells_skipped": skipped}
+    return {"step": step, "notebook": STEPS[step].notebook, "seconds": round(time.perf_counter() - start, 1), "lesson_cells_skipped": skipped}
 
 # %% ../nbs/07_pipeline.ipynb #47a4f4ee
 def _digest(params:dict) -> str: return hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:12]
-
-SUMMARY_METRICS = ("json_valid", "category_accuracy", "priority_accuracy", "task_completion", "summary_rougeL", "perplexity", "bias_flip_rate", "hallucination_rate")
 
 def collect_metrics(run:Path) -> dict:
     "Merge every step's `measured.json` and the evaluation's `metrics.json` into the run's `metrics.json`."
@@ -174,16 +202,28 @@ def summary_table(metrics:dict) -> str:
     lines = ["| step | notebook | minutes | lesson cells skipped |", "|---|---|---|---|"]
     lines += [f"| {s} | {r['notebook']} | {r['seconds'] / 60:.1f} | {r['lesson_cells_skipped']} |" for s, r in metrics["steps"].items()]
     if metrics["models"]:
-        lines += ["", "| stage | " + " | ".join(SUMMARY_METRICS) + " |", "|---" * (len(SUMMARY_METRICS) + 1) + "|"]
+        from finetune_lab.metrics import METRICS
+        keys = [k for k, m in METRICS.items() if m.summary]
+        lines += ["", "| stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
         for name, m in metrics["models"].items():
-            lines.append(f"| {name} | " + " | ".join("" if m.get(k) is None else f"{m[k]:.3g}" for k in SUMMARY_METRICS) + " |")
+            lines.append(f"| {name} | " + " | ".join("" if m.get(k) is None else f"{m[k]:.3g}" for k in keys) + " |")
     return "\n".join(lines) + "\n"
+
+def check_needs(chosen:list[str], injected:dict[str, dict]):
+    "Refuse a step whose starting model neither an earlier chosen step makes nor is already there."
+    for s in chosen:
+        for need in STEPS[s].needs:
+            model = injected[s].get(f"{need}_adapter")
+            if need not in chosen and model and not Path(model).is_dir():
+                raise FinetuneLabError(f"step {s!r} starts from the {need} model {model}, which this run has not made",
+                                       fix=f"add the {need} step (--only {need} {' '.join(chosen)}) or pass -p {need}_adapter=PATH")
 
 def run_pipeline(profile:str="quick",           # ci, quick or full
                  out_dir:str|Path=None,         # the run folder (default: runs/pipeline-<profile>)
                  only:list[str]=None,           # run only these steps (names of `STEPS`), in pipeline order
                  params:dict=None,              # overrides: {"max_steps": 3, "sft.max_steps": 20, ...}
                  resume:bool=False,             # skip steps already finished with the same parameters
+                 overwrite:bool=False,          # delete what the run folder holds and start again
                  nbs=None,                      # the lesson notebooks' folder (see `lesson_dir`)
                  echo=print) -> dict:
     "Run the lessons as one batch job; returns the merged metrics. A failing step raises `StepFailed` (one line)."
@@ -192,29 +232,24 @@ def run_pipeline(profile:str="quick",           # ci, quick or full
     for s in only or []:
         if s not in STEPS: raise FinetuneLabError(f"unknown step {s!r}", fix=f"steps are {', '.join(STEPS)}")
     run = Path(out_dir or f"runs/pipeline-{profile}").resolve()
-    declared = {s: declared_parameters(nbs/nb) for s, nb in STEPS.items()}
+    declared = {s: declared_parameters(nbs/step.notebook) for s, step in STEPS.items()}
     check_overrides(params, declared)
-    if run.exists() and any(run.iterdir()) and not resume:
-        raise FinetuneLabError(f"{run} already holds a run", fix="pass --resume to continue it, or --out a new folder")
     chosen = [s for s in STEPS if not only or s in only]
-    method = _sft_method(profile, params)
-    needs_sft = [s for s in chosen if s in ("dpo", "rlhf")]
-    if needs_sft and "sft" not in chosen and "sft_adapter" not in params and not (run/"sft"/method/"adapter").is_dir():
-        raise FinetuneLabError(f"step {needs_sft[0]!r} starts from the SFT adapter {run/'sft'/method/'adapter'}, which this run has not made",
-                               fix="add the sft step (--only sft " + " ".join(needs_sft) + ") or pass -p sft_adapter=PATH")
-    run.mkdir(parents=True, exist_ok=True)
+    injected = run_parameters(declared, profile, params, run)
+    check_needs(chosen, injected)
+    claim_dir(run, resume, overwrite)
     write_json(run/"run.json", {"profile": profile, "params": params, "only": only, "nbs": str(nbs)})
     start = time.perf_counter()
     for i, step in enumerate(chosen, 1):
-        p = step_parameters(step, declared[step], profile, params, run)
+        p = injected[step]
         record, digest = run/"steps"/f"{step}.json", _digest(p)
         if resume and record.is_file() and json.loads(record.read_text()).get("digest") == digest:
-            echo(f"[{i}/{len(chosen)}] {step:<5} {STEPS[step]:<18} finished earlier: skipped"); continue
+            echo(f"[{i}/{len(chosen)}] {step:<5} {STEPS[step].notebook:<18} finished earlier: skipped"); continue
         record.unlink(missing_ok=True)
-        echo(f"[{i}/{len(chosen)}] {step:<5} {STEPS[step]:<18} running …")
+        echo(f"[{i}/{len(chosen)}] {step:<5} {STEPS[step].notebook:<18} running …")
         rec = run_step(step, nbs, run, p, PROFILES[profile]["lesson_cells"])
         write_json(record, {**rec, "digest": digest, "params": p})
-        echo(f"[{i}/{len(chosen)}] {step:<5} {STEPS[step]:<18} done in {rec['seconds'] / 60:.1f} min")
+        echo(f"[{i}/{len(chosen)}] {step:<5} {STEPS[step].notebook:<18} done in {rec['seconds'] / 60:.1f} min")
     metrics = collect_metrics(run)
     table = summary_table(metrics)
     (run/"summary.md").write_text(f"# finetune-lab run: profile {profile}\n\n{table}", encoding="utf-8")

@@ -6,17 +6,19 @@ Docs: https://finetune-lab.github.io/finetune_lab/dpo.html.md"""
 
 # %% ../nbs/04_dpo.ipynb #cecef281
 from __future__ import annotations
-import json, os, shutil, time
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from .core import FinetuneLabError, atomic_path, get_device, precision_kwargs, progress, seed_everything, write_json
+from .core import FinetuneLabError, atomic_path
 from . import data as fl_data
-from .models import load_tokenizer, prepare_model
-from .sft import LivePlot, MarkComplete, PeakMemory, claim_out_dir, last_checkpoint, load_splits
+from .data import DataSettings, drop_constant_system, load_splits
+from .metrics import answer_logps
+from .models import check_adapter, load_tokenizer, prepare_model
+from .train import OfflineSettings, TrainResult, begin, fit, lora_config, save_trained, trainer_args, training_callbacks
 
 # %% auto #0
-__all__ = ['MISTAKE_FIELDS', 'follow_splits', 'load_preferences', 'drop_constant_system_pairs', 'answer_logps', 'pair_summary',
-           'preference_accuracy', 'mistake_pairs', 'DPOSettings', 'DPOResult', 'training_pairs', 'train_dpo',
+__all__ = ['MISTAKE_FIELDS', 'follow_splits', 'load_preferences', 'pair_summary', 'preference_accuracy', 'mistake_pairs',
+           'DPOSettings', 'training_pairs', 'begin_pairs', 'pairs_dataset', 'dpo_policy', 'dpo_loss', 'train_dpo',
            'plot_dpo']
 
 # %% ../nbs/04_dpo.ipynb #3a796edb
@@ -47,39 +49,13 @@ def load_preferences(data,                 # a preference file (any format 02_da
         if not path.exists(): raise FinetuneLabError(f"{path}: no such file", fix="pass a preference file (prompt/chosen/rejected or Human:/Assistant: transcripts)")
         rows = fl_data.load_rows(path)
         group = key if rows and all(_family(r, key) for r in rows) else None
-        splits = fl_data.check_dataset(path, fl_data.DataConfig(group_key=group, seed=seed, model_name=model_name)).splits
+        splits = fl_data.check_dataset(path, DataSettings(group_key=group, seed=seed, model_name=model_name)).splits
     if any("chosen" not in r for v in splits.values() for r in v):
         raise FinetuneLabError(f"{data}: not preference data (rows without chosen/rejected)", fix="pass prompt/chosen/rejected pairs or Human:/Assistant: transcripts")
     if like is not None: splits, _ = follow_splits(splits, load_splits(like, seed), key)
     return splits
 
-def drop_constant_system_pairs(splits:dict[str, list[dict]]) -> dict[str, list[dict]]:
-    "Drop the system message of every prompt when all pairs share one (as SFT does: the SFT model never saw it)."
-    systems = {r["prompt"][0]["content"] if r["prompt"] and r["prompt"][0]["role"] == "system" else None for v in splits.values() for r in v}
-    if len(systems) != 1 or None in systems: return splits
-    return {k: [{**r, "prompt": r["prompt"][1:]} for r in v] for k, v in splits.items()}
-
 # %% ../nbs/04_dpo.ipynb #ce551cb8
-def answer_logps(model, tokenizer, prompts:list[list[dict]], answers:list[list[dict]], batch_size:int=8) -> list[float]:
-    "Summed log-probability of each answer (assistant messages, end-of-turn included) after its prompt."
-    import torch
-    rows = []
-    for p, a in zip(prompts, answers):
-        head = tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-        full = tokenizer.apply_chat_template(p + a, tokenize=False)
-        if not full.startswith(head): raise FinetuneLabError("the chat template renders the prompt differently inside the conversation", fix="use a model whose template appends turns")
-        rows.append((tokenizer(head, add_special_tokens=False)["input_ids"], tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]))
-    model.eval(); out = []
-    for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i+batch_size]; width = max(len(h) + len(c) for h, c in chunk)
-        ids = torch.full((len(chunk), width), tokenizer.pad_token_id); mask = torch.zeros_like(ids); target = torch.zeros_like(ids, dtype=torch.bool)
-        for j, (h, c) in enumerate(chunk):
-            ids[j, :len(h) + len(c)] = torch.tensor(h + c); mask[j, :len(h) + len(c)] = 1; target[j, len(h):len(h) + len(c)] = True
-        with torch.no_grad(): logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(model.device))[..., 0]
-        out += (logp * target[:, 1:].to(model.device)).sum(-1).tolist()
-    return out
-
 def pair_summary(pairs:list[dict], chosen:list[float], rejected:list[float], by:str|None="rejection") -> dict:
     "Share of pairs whose chosen answer scores above the rejected one, overall and by `meta[by]`."
     wins = [c > r for c, r in zip(chosen, rejected)]
@@ -123,106 +99,66 @@ def mistake_pairs(rows:list[dict],          # SFT rows (`messages` ending with t
 
 # %% ../nbs/04_dpo.ipynb #e600564e
 @dataclass
-class DPOSettings:
+class DPOSettings(OfflineSettings):
     "How to run DPO; the defaults fit a 2-core CPU (LoRA, a few minutes)."
-    beta:float = 0.1                    # pull toward the reference: higher stays closer
-    loss_type:str = "sigmoid"           # TRL loss: "sigmoid" (the DPO paper), "ipo", "hinge", ...
-    sft_weight:float = 0.0              # weight of an SFT loss on the chosen answers added to DPO's (RPO); 0: plain DPO
-    max_steps:int = 20                  # optimizer steps (measured in 04_dpo: 60 gained preference but lost 8-10 category points)
-    batch_size:int = 4                  # pairs per forward pass
-    grad_accum:int = 1
+    beta:float = 0.1                      # pull toward the reference: higher stays closer
+    loss_type:str = "sigmoid"             # TRL loss: "sigmoid" (the DPO paper), "ipo", "hinge", ...
+    sft_weight:float = 0.0                # weight of an SFT loss on the chosen answers added to DPO's (RPO); 0: plain DPO
+    max_steps:int = 20                    # optimizer steps (measured in 04_dpo: 60 gained preference but lost 8-10 category points)
     learning_rate:float = 5e-5
-    lr_scheduler:str = "cosine"
-    warmup_steps:int = 5
-    max_length:int = 512                # prompt + answer tokens; longer pairs are truncated
-    lora_r:int = 16                     # a fresh adapter's rank, when DPO starts without an SFT adapter
-    lora_alpha:int = 32
-    eval_steps:int = 20                 # validation metrics (and a checkpoint) every N steps
-    eval_rows:int = 32                  # validation pairs used for them
-    logging_steps:int = 5
-    drop_constant_system:bool = True    # as in SFT: the SFT model was trained without the shared system prompt
-    seed:int = 42
-    device:str = None                   # default: `get_device()`
-
-@dataclass
-class DPOResult:
-    "What one DPO run produced and measured."
-    output:str                          # the saved adapter folder
-    steps:int
-    seconds:float
-    seconds_per_step:float
-    peak_memory_mb:float
-    trainable_params:int
-    total_params:int                    # every parameter in memory, the reference included
-    reference:str                       # how the reference model is held
-    reference_params:int                # parameters held only for the reference
-    log_history:list = field(default_factory=list, repr=False)
 
 def training_pairs(data, like=None, seed:int=42, drop_system:bool=True) -> dict[str, list[dict]]:
     "Checked, split preference pairs for a trainer (see `load_preferences`); refuses an empty training split."
     splits = load_preferences(data, like=like, seed=seed)
     if not splits.get("train"): raise FinetuneLabError("no preference pairs to train on", fix="check the data path and the data report")
-    return drop_constant_system_pairs(splits) if drop_system else splits
+    return drop_constant_system(splits)[0] if drop_system else splits
 
-def _dpo_rows(rows:list[dict]):
+def begin_pairs(model:str, s:OfflineSettings, data, like, adapter, out_dir, resume:bool, overwrite:bool) -> tuple:
+    "Start a run on preference pairs (DPO, the reward model): `(splits, validation pairs, device, claimed folder, tokenizer)`."
+    splits = training_pairs(data, like, s.seed, s.drop_constant_system)
+    if adapter is not None: check_adapter(adapter)
+    device, out = begin(s, out_dir, resume, overwrite)
+    return splits, splits.get("val", [])[:s.eval_rows], device, out, load_tokenizer(model, "train")
+
+def pairs_dataset(rows:list[dict]):
+    "Preference pairs as the `datasets.Dataset` TRL's DPO and reward trainers take."
     from datasets import Dataset
     return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
 
+# %% ../nbs/04_dpo.ipynb #f4ce4ece
+def dpo_policy(model:str, adapter, s:DPOSettings):
+    "The model DPO trains, its PEFT config, and what its reference is."
+    import torch
+    from transformers import AutoModelForCausalLM
+    base = AutoModelForCausalLM.from_pretrained(prepare_model(model), dtype=torch.float32)
+    if adapter is None: return base, lora_config(s), "the base weights with the adapter disabled"
+    from peft import PeftModel
+    return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None, "a frozen copy of the SFT adapter on the same base weights"
+
+def dpo_loss(s:DPOSettings) -> dict:
+    "TRL's loss arguments: DPO's loss, plus the SFT loss on the chosen answers when `s.sft_weight` (RPO)."
+    if not s.sft_weight: return {"loss_type": [s.loss_type], "loss_weights": None}
+    return {"loss_type": [s.loss_type, "sft"], "loss_weights": [1.0, s.sft_weight]}
+
+# %% ../nbs/04_dpo.ipynb #e07fd9e1
 def train_dpo(model:str,                 # registry name, local folder or hub id of the base model
               data,                      # see `load_preferences`
               config:DPOSettings=None,
               out_dir:str|Path="runs/dpo",
               adapter:str|Path=None,     # the SFT adapter to start from (None: a fresh LoRA adapter on the base)
               like=None,                 # SFT data whose split the pairs follow
-              resume:bool=False, overwrite:bool=False, live_plot:bool=True) -> DPOResult:
+              resume:bool=False, overwrite:bool=False, live_plot:bool=True) -> TrainResult:
     "Preference-tune `model` (+ `adapter`) on pairs with TRL's DPOTrainer; saves a PEFT adapter under `out_dir`."
-    import torch
-    from peft import LoraConfig, PeftModel, TaskType
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers import AutoModelForCausalLM
-    from transformers.integrations import TensorBoardCallback
     from trl import DPOConfig, DPOTrainer
-    cfg = config or DPOSettings()
-    device = get_device(cfg.device)
-    splits = training_pairs(data, like, cfg.seed, cfg.drop_constant_system)
-    if adapter is not None and not (Path(adapter)/"adapter_config.json").is_file():
-        raise FinetuneLabError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)", fix="pass the adapter folder `finetune-lab sft` saved")
-    out = claim_out_dir(out_dir, resume, overwrite)
-    seed_everything(cfg.seed)
-    tok = load_tokenizer(model, "train")
-    base = AutoModelForCausalLM.from_pretrained(prepare_model(model), dtype=torch.float32)
-    if adapter is not None: policy, pc, reference = PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None, "a frozen copy of the SFT adapter on the same base weights"
-    else: policy, pc, reference = base, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type=TaskType.CAUSAL_LM), "the base weights with the adapter disabled"
-    val = splits.get("val", [])[:cfg.eval_rows]
-    args = DPOConfig(
-        output_dir=str(out/"checkpoints"), beta=cfg.beta, max_steps=cfg.max_steps,
-        loss_type=[cfg.loss_type, "sft"] if cfg.sft_weight else [cfg.loss_type], loss_weights=[1.0, cfg.sft_weight] if cfg.sft_weight else None,
-        per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_length=cfg.max_length,
-        seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps, report_to=[], gradient_checkpointing=False,
-        eval_strategy="steps" if val else "no", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
-        dataloader_num_workers=0, disable_tqdm=os.environ.get("FINETUNE_LAB_PROGRESS") == "0", **precision_kwargs(device))
-    callbacks = [MarkComplete(), TensorBoardCallback(SummaryWriter(str(out/"tb")))]
-    if live_plot: callbacks.append(LivePlot("DPO: loss"))
-    trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=_dpo_rows(splits["train"]),
-                         eval_dataset=_dpo_rows(val) if val else None, processing_class=tok, peft_config=pc, callbacks=callbacks)
-    ckpt = last_checkpoint(out/"checkpoints") if resume else None
-    start = time.perf_counter()
-    with PeakMemory(device) as mem: trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.perf_counter() - start
-    final = out/"adapter"
-    with atomic_path(final) as tmp:
-        trainer.save_model(str(tmp)); tok.save_pretrained(str(tmp))
-        if (tmp/"ref").is_dir(): shutil.rmtree(tmp/"ref")   # the frozen reference copy: the SFT adapter, already on disk
-    m, st = trainer.model, trainer.state
-    steps_run = max(1, st.global_step - (int(ckpt.name.split("-")[-1]) if ckpt else 0))
-    result = DPOResult(output=str(final), steps=st.global_step, seconds=round(seconds, 1), seconds_per_step=round(seconds / steps_run, 2),
-                       peak_memory_mb=round(mem.peak_mb, 1), trainable_params=sum(p.numel() for p in m.parameters() if p.requires_grad),
-                       total_params=sum(p.numel() for p in m.parameters()), reference=reference,
-                       reference_params=sum(p.numel() for n, p in m.named_parameters() if ".ref." in n), log_history=st.log_history)
-    write_json(out/"dpo_result.json", asdict(result))
-    result._trainer = trainer
-    return result
+    s = config or DPOSettings()
+    splits, val, device, out, tok = begin_pairs(model, s, data, like, adapter, out_dir, resume, overwrite)
+    policy, peft, reference = dpo_policy(model, adapter, s)
+    args = trainer_args(DPOConfig, s, out, device, bool(val), beta=s.beta, **dpo_loss(s))
+    trainer = DPOTrainer(model=policy, ref_model=None, args=args, train_dataset=pairs_dataset(splits["train"]), eval_dataset=pairs_dataset(val) if val else None,
+                         processing_class=tok, peft_config=peft, callbacks=training_callbacks(out, "DPO: loss", live_plot))
+    ref_params = lambda: sum(p.numel() for n, p in trainer.model.named_parameters() if ".ref." in n)   # held only for the reference
+    return fit(trainer, out, "dpo", "adapter", lambda tmp: save_trained(trainer, tok, tmp, drop=("ref",)),   # the reference copy: the SFT adapter, already on disk
+               device, resume, details=lambda: {"reference": reference, "reference_params": ref_params()})
 
 # %% ../nbs/04_dpo.ipynb #6cb2594f
 def plot_dpo(log_history:list[dict], path:Path|None=None):

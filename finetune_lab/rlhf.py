@@ -6,38 +6,23 @@ Docs: https://finetune-lab.github.io/finetune_lab/rlhf.html.md"""
 
 # %% ../nbs/05_rlhf.ipynb #65ad985f
 from __future__ import annotations
-import json, os, shutil, time
-from dataclasses import asdict, dataclass, field
+import copy, os
+from dataclasses import dataclass
 from pathlib import Path
-from .core import FinetuneLabError, atomic_path, get_device, precision_kwargs, progress, seed_everything, write_json
+from transformers import TrainerCallback
+from .core import FinetuneLabError, atomic_path, write_json
 from . import data as fl_data
-from .models import generate, load_tokenizer, prepare_model
-from .prefs import drop_constant_system_pairs, load_preferences, pair_summary, training_pairs
-from .sft import LivePlot, MarkComplete, PeakMemory, claim_out_dir, last_checkpoint, load_splits, prompt_messages
+from .metrics import label, parse, schema_ok
+from .models import generate, load_tokenizer, merge_adapter
+from .prefs import begin_pairs, pair_summary, pairs_dataset
+from .train import OfflineSettings, OnlineSettings, TrainResult, begin, fit, lora_config, trainer_args, training_callbacks
 
 # %% auto #0
-__all__ = ['reward_scores', 'pair_accuracy', 'RewardSettings', 'RewardResult', 'train_reward', 'plot_reward', 'ticket_reward',
-           'prompt_rows', 'HeldOutProbe', 'PPOSettings', 'OnlineResult', 'train_ppo', 'plot_online', 'GRPOSettings',
-           'train_grpo']
+__all__ = ['reward_scores', 'pair_accuracy', 'RewardSettings', 'save_merged', 'train_reward', 'plot_reward', 'ticket_reward',
+           'prompt_rows', 'HeldOutProbe', 'PPOSettings', 'train_online', 'ppo_tokenizer', 'ppo_models', 'train_ppo',
+           'plot_online', 'GRPOSettings', 'train_grpo']
 
 # %% ../nbs/05_rlhf.ipynb #91cf1df2
-def _merged_base(model:str, adapter, kind:str="causal"):
-    "The base `model` in fp32 with `adapter` (a LoRA folder, or None) merged into its weights."
-    import torch
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-    path = prepare_model(model)
-    if adapter is not None and not (Path(adapter)/"adapter_config.json").is_file():
-        raise FinetuneLabError(f"{adapter}: not a PEFT adapter folder (no adapter_config.json)", fix="pass the adapter folder `finetune-lab sft` saved")
-    causal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    if adapter is not None:
-        from peft import PeftModel
-        causal = PeftModel.from_pretrained(causal, str(adapter)).merge_and_unload()
-    if kind == "causal": return causal
-    # a scoring head on the same (merged) transformer: the body's weights are copied, the head is new
-    seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
-    seq.model.load_state_dict(causal.model.state_dict())
-    return seq
-
 def reward_scores(model, tokenizer, prompts:list[list[dict]], answers:list[list[dict]], batch_size:int=8) -> list[float]:
     "The reward model's score of each answer after its prompt."
     import torch
@@ -57,82 +42,33 @@ def pair_accuracy(model, tokenizer, pairs:list[dict], batch_size:int=8, by:str|N
     r = reward_scores(model, tokenizer, [p["prompt"] for p in pairs], [p["rejected"] for p in pairs], batch_size)
     return {**pair_summary(pairs, c, r, by), "chosen": c, "rejected": r}
 
+# %% ../nbs/05_rlhf.ipynb #e4b1bba2
 @dataclass
-class RewardSettings:
+class RewardSettings(OfflineSettings):
     "How to train the reward model; the defaults fit a 2-core CPU."
     max_steps:int = 80
-    batch_size:int = 4                  # pairs per step
     learning_rate:float = 5e-4
-    lr_scheduler:str = "cosine"
-    warmup_steps:int = 5
-    max_length:int = 512
-    lora_r:int = 16
-    lora_alpha:int = 32
-    eval_steps:int = 20
-    eval_rows:int = 32
-    logging_steps:int = 5
-    drop_constant_system:bool = True
-    seed:int = 42
-    device:str = None
 
-@dataclass
-class RewardResult:
-    "What one reward-model run produced and measured."
-    output:str                          # merged sequence-classification model folder
-    steps:int
-    seconds:float
-    seconds_per_step:float
-    peak_memory_mb:float
-    trainable_params:int
-    log_history:list = field(default_factory=list, repr=False)
+def save_merged(trainer, tokenizer, folder:Path):
+    "Merge the trainer's LoRA adapter into its model and save that with the tokenizer; returns the merged model, in eval mode."
+    merged = trainer.model.merge_and_unload()
+    merged.save_pretrained(str(folder)); tokenizer.save_pretrained(str(folder))
+    return merged.eval()
 
-def _pairs_dataset(rows):
-    from datasets import Dataset
-    return Dataset.from_list([{"prompt": r["prompt"], "chosen": r["chosen"], "rejected": r["rejected"]} for r in rows])
-
+# %% ../nbs/05_rlhf.ipynb #f0fb9ccb
 def train_reward(model:str, data, config:RewardSettings=None, out_dir:str|Path="runs/reward",
                  adapter=None,               # start from this SFT adapter merged into the base (None: the base model)
                  like=None,                  # SFT data whose split the pairs follow
-                 resume:bool=False, overwrite:bool=False, live_plot:bool=True) -> RewardResult:
-    "Train a scalar reward model on preference pairs with TRL's RewardTrainer (LoRA + a new score head)."
-    from peft import LoraConfig, TaskType
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
+                 resume:bool=False, overwrite:bool=False, live_plot:bool=True) -> TrainResult:
+    "Train a scalar reward model on preference pairs with TRL's RewardTrainer (LoRA + a new score head); saves the merged model."
     from trl import RewardConfig, RewardTrainer
-    cfg = config or RewardSettings()
-    device = get_device(cfg.device)
-    splits = training_pairs(data, like, cfg.seed, cfg.drop_constant_system)
-    out = claim_out_dir(out_dir, resume, overwrite)
-    seed_everything(cfg.seed)
-    tok = load_tokenizer(model, "train")
-    rm = _merged_base(model, adapter, "seq-cls"); rm.config.pad_token_id = tok.pad_token_id
-    val = splits.get("val", [])[:cfg.eval_rows]
-    args = RewardConfig(
-        output_dir=str(out/"checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size, per_device_eval_batch_size=cfg.batch_size,
-        learning_rate=cfg.learning_rate, lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, max_length=cfg.max_length,
-        seed=cfg.seed, data_seed=cfg.seed, logging_steps=cfg.logging_steps, report_to=[], gradient_checkpointing=False,
-        eval_strategy="steps" if val else "no", eval_steps=cfg.eval_steps, save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
-        dataloader_num_workers=0, disable_tqdm=os.environ.get("FINETUNE_LAB_PROGRESS") == "0", **precision_kwargs(device))
-    callbacks = [MarkComplete(), TensorBoardCallback(SummaryWriter(str(out/"tb")))]
-    if live_plot: callbacks.append(LivePlot("reward model: loss"))
-    trainer = RewardTrainer(model=rm, args=args, train_dataset=_pairs_dataset(splits["train"]), eval_dataset=_pairs_dataset(val) if val else None,
-                            processing_class=tok, callbacks=callbacks,
-                            peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type=TaskType.SEQ_CLS))
-    ckpt = last_checkpoint(out/"checkpoints") if resume else None
-    start = time.perf_counter()
-    with PeakMemory(device) as mem: trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.perf_counter() - start
-    trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
-    merged = trainer.model.merge_and_unload()
-    final = out/"model"
-    with atomic_path(final) as tmp: merged.save_pretrained(str(tmp)); tok.save_pretrained(str(tmp))
-    st = trainer.state
-    steps_run = max(1, st.global_step - (int(ckpt.name.split("-")[-1]) if ckpt else 0))
-    result = RewardResult(output=str(final), steps=st.global_step, seconds=round(seconds, 1), seconds_per_step=round(seconds / steps_run, 2),
-                          peak_memory_mb=round(mem.peak_mb, 1), trainable_params=trainable, log_history=st.log_history)
-    write_json(out/"reward_result.json", asdict(result))
-    result._model = merged.eval()
-    return result
+    s = config or RewardSettings()
+    splits, val, device, out, tok = begin_pairs(model, s, data, like, adapter, out_dir, resume, overwrite)
+    rm = merge_adapter(model, adapter, "seq-cls"); rm.config.pad_token_id = tok.pad_token_id
+    trainer = RewardTrainer(model=rm, args=trainer_args(RewardConfig, s, out, device, bool(val)), train_dataset=pairs_dataset(splits["train"]),
+                            eval_dataset=pairs_dataset(val) if val else None, processing_class=tok,
+                            callbacks=training_callbacks(out, "reward model: loss", live_plot), peft_config=lora_config(s, "SEQ_CLS"))
+    return fit(trainer, out, "reward", "model", lambda tmp: save_merged(trainer, tok, tmp), device, resume)
 
 # %% ../nbs/05_rlhf.ipynb #767f4ec2
 def plot_reward(acc:dict, path:Path|None=None, bins:int=6):
@@ -163,12 +99,11 @@ def ticket_reward(completions:list, category:list|None=None, priority:list|None=
     out = []
     for i, c in enumerate(completions):
         text = c[-1]["content"] if isinstance(c, list) else c
-        row = {"messages": [{"role": "assistant", "content": text}]}
-        obj = fl_data.parse_answer(row)
+        obj = parse(text)
         if obj is None: out.append(0.0); continue
-        score = 0.2 + 0.2 * (fl_data.check_answer(row) is None)
-        score += 0.4 * (category is not None and obj.get("category") == category[i])
-        score += 0.2 * (priority is not None and obj.get("priority") == priority[i])
+        score = 0.2 + 0.2 * schema_ok(text)
+        score += 0.4 * (category is not None and label(obj, "category") == category[i])
+        score += 0.2 * (priority is not None and label(obj, "priority") == priority[i])
         out.append(round(score, 3))
     return out
 
@@ -177,12 +112,10 @@ def prompt_rows(rows:list[dict], drop_system:bool=True) -> list[dict]:
     out = []
     for r in rows:
         obj = fl_data.parse_answer(r) or {}
-        msgs = prompt_messages(r, drop_system)
-        out.append({"prompt": msgs, "category": obj.get("category"), "priority": obj.get("priority")})
+        out.append({"prompt": fl_data.prompt_messages(r, drop_system), "category": obj.get("category"), "priority": obj.get("priority")})
     return out
 
-from transformers import TrainerCallback
-
+# %% ../nbs/05_rlhf.ipynb #42fc2533
 class HeldOutProbe(TrainerCallback):
     "Every `every` steps, answer held-out prompts greedily with the live policy; record rule reward, reward-model score and length."
     def __init__(self, policy, tokenizer, prompts:list[dict], every:int=5, reward_model=None, rm_tokenizer=None, max_new_tokens:int=96):
@@ -199,6 +132,10 @@ class HeldOutProbe(TrainerCallback):
             rec["rm_score"] = sum(scores) / len(scores)
         self.history.append(rec); self.answers = answers
         return rec
+    def finish(self, step:int) -> list[dict]:
+        "Measure at `step` unless the last probe did; returns the whole history."
+        if not self.history or self.history[-1]["step"] != step: self.measure(step)
+        return self.history
     def on_train_begin(self, args, state, control, **kw):
         if not self.history: self.measure(state.global_step)
     def on_step_end(self, args, state, control, **kw):
@@ -206,87 +143,69 @@ class HeldOutProbe(TrainerCallback):
 
 # %% ../nbs/05_rlhf.ipynb #f8112ba0
 @dataclass
-class PPOSettings:
+class PPOSettings(OnlineSettings):
     "PPO on a LoRA adapter over the SFT model; the defaults fit a 2-core CPU."
-    max_steps:int = 20                  # PPO updates (each: generate, score, optimise)
-    batch_size:int = 8                  # prompts per update
-    ppo_epochs:int = 2                  # optimisation passes over each batch
-    learning_rate:float = 3e-4          # for the LoRA adapter: about 10x what full-model PPO uses
-    kl_coef:float = 0.05                # β of the per-token KL penalty toward the reference
-    missing_eos_penalty:float = 1.0     # subtracted from the reward of answers that never end
-    response_length:int = 96            # max new tokens per answer
+    max_steps:int = 20                    # PPO updates (each: generate, score, optimise)
+    learning_rate:float = 3e-4            # for the LoRA adapter: about 10x what full-model PPO uses
     temperature:float = 0.7
-    lora_r:int = 16
-    lora_alpha:int = 32
-    probe_every:int = 5                 # held-out probe every N updates
-    seed:int = 42
-    device:str = None
+    batch_size:int = 8                    # prompts per update
+    ppo_epochs:int = 2                    # optimisation passes over each batch
+    missing_eos_penalty:float = 1.0       # subtracted from the reward of answers that never end
 
-@dataclass
-class OnlineResult:
-    "What one PPO/GRPO run produced and measured."
-    method:str
-    output:str                          # the saved LoRA adapter (over the SFT model)
-    steps:int
-    seconds:float
-    peak_memory_mb:float
-    log_history:list = field(default_factory=list, repr=False)
-    probe:list = field(default_factory=list, repr=False)
-
-def _train_online(method:str, trainer, policy, model:str, out:Path, adapter, device:str, probe_every:int, max_new_tokens:int,
-                  probe_prompts=(), reward_model=None) -> OnlineResult:
-    "Train a PPO/GRPO trainer with the held-out probe attached; save its LoRA adapter; return what was measured."
+# %% ../nbs/05_rlhf.ipynb #aa9c0186
+def train_online(kind:str, trainer, policy, model:str, out:Path, adapter, device:str, s:OnlineSettings,
+                 probe_prompts=(), reward_model=None) -> TrainResult:
+    "Train a PPO/GRPO trainer with the held-out probe attached; save the policy's LoRA adapter and what it applies to."
     probe = None
     if probe_prompts:
-        probe = HeldOutProbe(policy, load_tokenizer(model, "generate"), list(probe_prompts), probe_every, reward_model, load_tokenizer(model, "train"), max_new_tokens)
+        probe = HeldOutProbe(policy, load_tokenizer(model, "generate"), list(probe_prompts), s.probe_every, reward_model, load_tokenizer(model, "train"), s.max_new_tokens)
         trainer.add_callback(probe)
-    start = time.perf_counter()
-    with PeakMemory(device) as mem: trainer.train()
-    seconds = time.perf_counter() - start
-    if probe and probe.history[-1]["step"] != trainer.state.global_step: probe.measure(trainer.state.global_step)
-    final = out/"adapter"
-    with atomic_path(final) as tmp:
+    def save(tmp):
         policy.save_pretrained(str(tmp)); load_tokenizer(model, "generate").save_pretrained(str(tmp))
-        write_json(tmp/"finetune_lab.json", {"applies_to": "the base model with this SFT adapter merged", "sft_adapter": os.path.relpath(Path(adapter).resolve(), final.resolve()) if adapter else None})  # relative to this folder
-    res = OnlineResult(method, str(final), trainer.state.global_step, round(seconds, 1), round(mem.peak_mb, 1), trainer.state.log_history, probe.history if probe else [])
-    write_json(out/f"{method}_result.json", asdict(res))
-    res._policy = policy
-    return res
+        sft = os.path.relpath(Path(adapter).resolve(), (Path(out)/"adapter").resolve()) if adapter else None   # relative to the adapter folder
+        write_json(Path(tmp)/"finetune_lab.json", {"applies_to": "the base model with this SFT adapter merged", "sft_adapter": sft})
+        return policy
+    return fit(trainer, out, kind, "adapter", save, device, model=policy,
+               details=lambda: {"probe": probe.finish(trainer.state.global_step) if probe else []})
 
-def train_ppo(model:str, prompts:list[dict], reward_model, config:PPOSettings=None, out_dir:str|Path="runs/ppo",
-              adapter=None,              # the SFT adapter merged into the policy (and so into the reference)
-              probe_prompts:list[dict]=(), overwrite:bool=False) -> OnlineResult:
-    "PPO with TRL's experimental PPOTrainer against `reward_model` (a model or a saved folder) on `prompts` (see `prompt_rows`)."
-    import copy, torch
-    from datasets import Dataset
-    from peft import LoraConfig, TaskType
-    from transformers import AutoModelForSequenceClassification
-    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
-    from trl.experimental.ppo import PPOConfig, PPOTrainer
-    cfg = config or PPOSettings()
-    device = get_device(cfg.device)
-    if not prompts: raise FinetuneLabError("no prompts for PPO", fix="check the data path")
-    out = claim_out_dir(out_dir, overwrite=overwrite)
-    seed_everything(cfg.seed)
+# %% ../nbs/05_rlhf.ipynb #032a1b73
+def ppo_tokenizer(model:str):
+    "The generation tokenizer with a pad token other than EOS (PPO cuts every answer at its first pad token)."
     tok = load_tokenizer(model, "generate")
     if tok.pad_token_id == tok.eos_token_id and "<|endoftext|>" in tok.get_vocab(): tok.pad_token = "<|endoftext|>"  # see the PPO notes above
     if tok.pad_token_id == tok.eos_token_id: raise FinetuneLabError("PPO needs a pad token different from EOS", fix="give the tokenizer a pad token of its own")
+    return tok
+
+def ppo_models(model:str, adapter, reward_model, tok) -> tuple:
+    "The policy (the base with the SFT adapter merged), the reward model (loaded if a folder), and the value model, started from it."
+    import torch
+    from transformers import AutoModelForSequenceClassification
     if isinstance(reward_model, (str, Path)): reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_model), dtype=torch.float32)
-    policy = _merged_base(model, adapter)
-    value = copy.deepcopy(reward_model)
+    policy, value = merge_adapter(model, adapter), copy.deepcopy(reward_model)
     for m in (policy, reward_model, value): m.config.pad_token_id = tok.pad_token_id
     policy.generation_config.pad_token_id = tok.pad_token_id
+    return policy, reward_model, value
+
+# %% ../nbs/05_rlhf.ipynb #aeac087b
+def train_ppo(model:str, prompts:list[dict], reward_model, config:PPOSettings=None, out_dir:str|Path="runs/ppo",
+              adapter=None,              # the SFT adapter merged into the policy (and so into the reference)
+              probe_prompts:list[dict]=(), overwrite:bool=False) -> TrainResult:
+    "PPO with TRL's experimental PPOTrainer against `reward_model` (a model or a saved folder) on `prompts` (see `prompt_rows`)."
+    from datasets import Dataset
+    os.environ.setdefault("TRL_EXPERIMENTAL_SILENCE", "1")
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    s = config or PPOSettings()
+    if not prompts: raise FinetuneLabError("no prompts for PPO", fix="check the data path")
+    device, out = begin(s, out_dir, overwrite=overwrite)
+    tok = ppo_tokenizer(model)
+    policy, reward_model, value = ppo_models(model, adapter, reward_model, tok)
     ids = [tok(tok.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"] for p in prompts]
-    args = PPOConfig(output_dir=str(out/"checkpoints"), per_device_train_batch_size=cfg.batch_size, num_mini_batches=1,
-                     total_episodes=cfg.max_steps * cfg.batch_size, num_ppo_epochs=cfg.ppo_epochs, learning_rate=cfg.learning_rate,
-                     kl_coef=cfg.kl_coef, missing_eos_penalty=cfg.missing_eos_penalty, response_length=cfg.response_length,
-                     temperature=cfg.temperature, stop_token="eos", local_rollout_forward_batch_size=cfg.batch_size,
-                     num_sample_generations=0, logging_steps=1, seed=cfg.seed, report_to=[], save_strategy="no",
-                     gradient_checkpointing=False, **precision_kwargs(device))
+    args = trainer_args(PPOConfig, s, out, device, per_device_train_batch_size=s.batch_size, num_mini_batches=1, total_episodes=s.max_steps * s.batch_size,
+                        num_ppo_epochs=s.ppo_epochs, kl_coef=s.beta, missing_eos_penalty=s.missing_eos_penalty, response_length=s.max_new_tokens,
+                        temperature=s.temperature, stop_token="eos", local_rollout_forward_batch_size=s.batch_size, num_sample_generations=0)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward_model,
-                         train_dataset=Dataset.from_dict({"input_ids": ids}), value_model=value,
-                         peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type=TaskType.CAUSAL_LM))
-    return _train_online("ppo", trainer, trainer.policy_model, model, out, adapter, device, cfg.probe_every, cfg.response_length, probe_prompts, reward_model)
+                         train_dataset=Dataset.from_dict({"input_ids": ids}), value_model=value, peft_config=lora_config(s))
+    return train_online("ppo", trainer, trainer.policy_model, model, out, adapter, device, s, probe_prompts, reward_model)
 
 # %% ../nbs/05_rlhf.ipynb #f675e416
 def plot_online(log_history:list[dict], probe:list[dict], title:str, path:Path|None=None):
@@ -315,40 +234,25 @@ def plot_online(log_history:list[dict], probe:list[dict], title:str, path:Path|N
 
 # %% ../nbs/05_rlhf.ipynb #0eee45e2
 @dataclass
-class GRPOSettings:
+class GRPOSettings(OnlineSettings):
     "GRPO on a LoRA adapter over the SFT model with the rule reward; the defaults fit a 2-core CPU."
     max_steps:int = 20
-    prompts_per_step:int = 2
-    num_generations:int = 4             # answers sampled per prompt (the group)
-    learning_rate:float = 3e-4          # for the LoRA adapter, as PPO
-    beta:float = 0.05                   # KL coefficient toward the reference
-    max_completion_length:int = 96
-    temperature:float = 1.0
-    lora_r:int = 16
-    lora_alpha:int = 32
-    probe_every:int = 5
-    seed:int = 42
-    device:str = None
+    learning_rate:float = 3e-4            # for the LoRA adapter, as PPO
+    prompts_per_step:int = 2              # prompts per optimizer step
+    num_generations:int = 4               # answers sampled per prompt (the group)
 
+# %% ../nbs/05_rlhf.ipynb #4e32f687
 def train_grpo(model:str, prompts:list[dict], config:GRPOSettings=None, out_dir:str|Path="runs/grpo", adapter=None,
-               reward_funcs=(ticket_reward,), probe_prompts:list[dict]=(), reward_model=None, overwrite:bool=False) -> OnlineResult:
+               reward_funcs=(ticket_reward,), probe_prompts:list[dict]=(), reward_model=None, overwrite:bool=False) -> TrainResult:
     "GRPO with TRL's GRPOTrainer and `reward_funcs` (default: the rule reward) on `prompts` (see `prompt_rows`)."
     from datasets import Dataset
-    from peft import LoraConfig, TaskType
     from trl import GRPOConfig, GRPOTrainer
-    cfg = config or GRPOSettings()
-    device = get_device(cfg.device)
+    s = config or GRPOSettings()
     if not prompts: raise FinetuneLabError("no prompts for GRPO", fix="check the data path")
-    out = claim_out_dir(out_dir, overwrite=overwrite)
-    seed_everything(cfg.seed)
-    tok = load_tokenizer(model, "generate")
-    policy = _merged_base(model, adapter)
-    batch = cfg.prompts_per_step * cfg.num_generations
-    args = GRPOConfig(output_dir=str(out/"checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=batch,
-                      num_generations=cfg.num_generations, learning_rate=cfg.learning_rate, beta=cfg.beta,
-                      max_completion_length=cfg.max_completion_length, temperature=cfg.temperature, logging_steps=1, seed=cfg.seed,
-                      report_to=[], save_strategy="no", gradient_checkpointing=False, log_completions=False,
-                      disable_tqdm=os.environ.get("FINETUNE_LAB_PROGRESS") == "0", **precision_kwargs(device))
-    trainer = GRPOTrainer(model=policy, reward_funcs=list(reward_funcs), args=args, train_dataset=Dataset.from_list(list(prompts)), processing_class=tok,
-                          peft_config=LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, target_modules="all-linear", task_type=TaskType.CAUSAL_LM))
-    return _train_online("grpo", trainer, trainer.model, model, out, adapter, device, cfg.probe_every, cfg.max_completion_length, probe_prompts, reward_model)
+    device, out = begin(s, out_dir, overwrite=overwrite)
+    policy = merge_adapter(model, adapter)
+    args = trainer_args(GRPOConfig, s, out, device, per_device_train_batch_size=s.prompts_per_step * s.num_generations, num_generations=s.num_generations,
+                        beta=s.beta, max_completion_length=s.max_new_tokens, temperature=s.temperature, log_completions=False)
+    trainer = GRPOTrainer(model=policy, reward_funcs=list(reward_funcs), args=args, train_dataset=Dataset.from_list(list(prompts)),
+                          processing_class=load_tokenizer(model, "generate"), peft_config=lora_config(s))
+    return train_online("grpo", trainer, trainer.model, model, out, adapter, device, s, probe_prompts, reward_model)

@@ -6,18 +6,18 @@ Docs: https://finetune-lab.github.io/finetune_lab/sft.html.md"""
 
 # %% ../nbs/03_sft.ipynb #1381ba79
 from __future__ import annotations
-import json, math, os, shutil, threading, time
-from dataclasses import asdict, dataclass, field
+import json
+from dataclasses import dataclass
 from pathlib import Path
-from .core import FinetuneLabError, atomic_path, get_device, get_dtype, precision_kwargs, progress, seed_everything, write_json
-from . import data as fl_data
-from .models import MODELS, generate, load_tokenizer, prepare_model
+from .core import FinetuneLabError, atomic_path, progress, write_json
+from .data import drop_constant_system, load_rows, load_splits, write_jsonl
+from .metrics import quick_eval
+from .models import load_tokenizer, prepare_model
+from .train import METHODS, OfflineSettings, TrainResult, begin, fit, get_method, method_unavailable
+from .train import save_trained, trainer_args, training_callbacks
 
 # %% auto #0
-__all__ = ['METHODS', 'DEFAULT_LR', 'DONE', 'to_prompt_completion', 'load_splits', 'drop_constant_system', 'SFTSettings',
-           'method_unavailable', 'peft_config', 'load_base', 'MarkComplete', 'last_checkpoint', 'claim_out_dir',
-           'LivePlot', 'PeakMemory', 'SFTResult', 'train_sft', 'score_answers', 'prompt_messages', 'quick_eval',
-           'compare_methods', 'plot_comparison', 'perplexity']
+__all__ = ['to_prompt_completion', 'sft_trainer', 'SFTSettings', 'train_sft', 'compare_methods', 'plot_comparison']
 
 # %% ../nbs/03_sft.ipynb #2ab47b54
 def to_prompt_completion(rows:list[dict]):
@@ -25,277 +25,54 @@ def to_prompt_completion(rows:list[dict]):
     from datasets import Dataset
     return Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
 
-def load_splits(data, # a `DataCheck`, a dict of row lists, a folder with train/val/test.jsonl, or a raw file
-                seed:int=42, model_name:str="tiny") -> dict[str, list[dict]]:
-    "Train/val/test chat rows from any of the shapes the data lesson produces."
-    if isinstance(data, fl_data.DataCheck): return data.splits
-    if isinstance(data, dict): return {k: list(v) for k, v in data.items()}
-    path = Path(data)
-    if path.is_dir():
-        if not (path/"train.jsonl").is_file(): raise FinetuneLabError(f"{path} has no train.jsonl", fix="run `finetune-lab data check` and pass its --out folder")
-        return {s: fl_data.load_rows(path/f"{s}.jsonl") if (path/f"{s}.jsonl").is_file() else [] for s in ("train", "val", "test")}
-    check = fl_data.check_dataset(path, fl_data.DataConfig(group_key="phrasing", seed=seed, model_name=model_name))
-    return check.splits
-
-# %% ../nbs/03_sft.ipynb #94b41e7c
-def drop_constant_system(splits:dict[str, list[dict]]) -> tuple[dict, str|None]:
-    "Drop the system message when every row of every split has the same one; returns `(splits, dropped)`."
-    systems = {r["messages"][0]["content"] if r["messages"][0]["role"] == "system" else None for rows in splits.values() for r in rows}
-    if len(systems) != 1 or None in systems: return splits, None
-    return {k: [{**r, "messages": r["messages"][1:]} for r in v] for k, v in splits.items()}, systems.pop()
-
 # %% ../nbs/03_sft.ipynb #11cbc73f
-def _trainer(model, tok, args, train_rows, val_rows, peft_config=None, callbacks=()):
+def sft_trainer(model, tok, args, train_rows:list[dict], val_rows:list[dict], peft_config=None, callbacks=()):
+    "TRL's `SFTTrainer` on prompt/completion rows: the loss is on the answers only."
     from trl import SFTTrainer
     return SFTTrainer(model=model, args=args, train_dataset=to_prompt_completion(train_rows),
                       eval_dataset=to_prompt_completion(val_rows) if val_rows else None,
                       processing_class=tok, peft_config=peft_config, callbacks=list(callbacks))
 
 # %% ../nbs/03_sft.ipynb #1ff92af5
-METHODS = ("full", "lora", "ia3", "prompt", "qlora")
-DEFAULT_LR = dict(full=5e-5, lora=1e-3, ia3=5e-3, prompt=3e-2, qlora=1e-3)
-
 @dataclass
-class SFTSettings:
+class SFTSettings(OfflineSettings):
     "How to fine-tune; the defaults fit a 2-core CPU and scale to a GPU (raise `batch_size`, `max_steps`)."
-    method:str = "lora"                 # one of METHODS
-    max_steps:int = 140                 # optimizer steps (each sees batch_size × grad_accum rows)
-    batch_size:int = 4                  # rows per forward pass
-    grad_accum:int = 1                  # forward passes per optimizer step
-    learning_rate:float = None          # default: DEFAULT_LR[method]
-    lr_scheduler:str = "cosine"         # transformers scheduler name
-    warmup_steps:int = 5
-    weight_decay:float = 0.0
-    max_length:int = 512                # longer rows are truncated (the data check quarantines them first)
-    lora_r:int = 16
-    lora_alpha:int = 32
+    method:str = "lora"                   # a registered method (`train.METHODS`): full, lora, ia3, prompt, qlora
+    max_steps:int = 140                   # optimizer steps (each sees batch_size × grad_accum rows)
+    learning_rate:float = None            # default: the method's (`METHODS[method].lr`)
     lora_dropout:float = 0.05
-    target_modules:str|list = "all-linear"   # LoRA targets: "all-linear" or a list of module names
-    prompt_tokens:int = 20              # virtual tokens for prompt tuning
-    eval_steps:int = 35                 # validation loss (and a checkpoint) every N steps
-    eval_rows:int = 32                  # validation rows used for that loss
-    patience:int|None = 3               # early stopping after N evaluations without improvement (None: off)
-    gradient_checkpointing:bool = False # trade compute for activation memory (pointless at 135M on CPU)
-    logging_steps:int = 5
-    group_by_length:bool = True         # batch rows of similar length: ~20% less padding on our tickets
-    drop_constant_system:bool = True    # drop a system prompt that every row shares (see "The data")
-    seed:int = 42
-    device:str = None                   # default: `get_device()`
-
-    def lr(self): return self.learning_rate or DEFAULT_LR[self.method]
-
-# %% ../nbs/03_sft.ipynb #e908ddae
-def method_unavailable(method:str, device:str=None) -> str|None:
-    "Why `method` can't run on `device` (None when it can)."
-    if method not in METHODS: return f"unknown method {method!r}; use one of {', '.join(METHODS)}"
-    if method == "qlora":
-        import importlib.util
-        if not get_device(device).startswith("cuda"): return "QLoRA needs a CUDA GPU (4-bit kernels of bitsandbytes); this run is on the CPU"
-        if importlib.util.find_spec("bitsandbytes") is None: return "QLoRA needs the bitsandbytes package: pip install bitsandbytes"
-    return None
-
-# %% ../nbs/03_sft.ipynb #90e76e7b
-def peft_config(cfg:SFTSettings, model_path:Path):
-    "The PEFT config of `cfg.method` (None for full fine-tuning)."
-    from peft import IA3Config, LoraConfig, PromptTuningConfig, PromptTuningInit, TaskType
-    if cfg.method == "full": return None
-    if cfg.method in ("lora", "qlora"):
-        return LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=cfg.target_modules, task_type=TaskType.CAUSAL_LM)
-    if cfg.method == "ia3":
-        return IA3Config(target_modules=["k_proj", "v_proj", "down_proj"], feedforward_modules=["down_proj"], task_type=TaskType.CAUSAL_LM)
-    return PromptTuningConfig(num_virtual_tokens=cfg.prompt_tokens, prompt_tuning_init=PromptTuningInit.TEXT,
-                              prompt_tuning_init_text="Triage the support ticket and reply with one JSON object:",
-                              tokenizer_name_or_path=str(model_path), task_type=TaskType.CAUSAL_LM)
-
-def load_base(model_path:Path, cfg:SFTSettings):
-    "The base model for `cfg.method`: in the device's dtype, or 4-bit for QLoRA."
-    import torch
-    from transformers import AutoModelForCausalLM
-    device = get_device(cfg.device)
-    if cfg.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-        from transformers import BitsAndBytesConfig
-        q = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.bfloat16, bnb_4bit_use_double_quant=True)
-        return prepare_model_for_kbit_training(AutoModelForCausalLM.from_pretrained(model_path, quantization_config=q, device_map={"": 0}))
-    # full fine-tuning keeps fp32 weights (bf16 weights would drop small updates, see 00_core); mixed precision comes from the trainer flags
-    dtype = torch.float32 if cfg.method == "full" or device == "cpu" else get_dtype(device)
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
-
-# %% ../nbs/03_sft.ipynb #3f5c35d5
-from transformers import TrainerCallback
-
-DONE = "finetune_lab_complete"
-
-class MarkComplete(TrainerCallback):
-    "Write a marker into each checkpoint once it is fully saved."
-    def on_save(self, args, state, control, **kw):
-        ck = Path(args.output_dir)/f"checkpoint-{state.global_step}"
-        if ck.is_dir(): write_json(ck/DONE, {"step": state.global_step})
-
-def last_checkpoint(folder:Path) -> Path|None:
-    "The newest complete checkpoint under `folder`; incomplete ones are moved aside."
-    folder = Path(folder)
-    if not folder.is_dir(): return None
-    cks = sorted((p for p in folder.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()), key=lambda p: int(p.name.split("-")[-1]))
-    for p in cks:
-        if not (p/DONE).is_file(): p.rename(p.with_name(f".incomplete-{p.name}-{int(time.time())}"))
-    done = [p for p in cks if (p/DONE).is_file()]
-    return done[-1] if done else None
-
-def claim_out_dir(out_dir:str|Path, resume:bool=False, overwrite:bool=False) -> Path:
-    "The run folder `out_dir`, refusing to mix runs: a folder holding a run needs `resume` (continue it) or `overwrite` (start again)."
-    out = Path(out_dir)
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FinetuneLabError(f"{out} already holds a run", fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite), or another --out")
-    if overwrite and not resume and out.exists(): shutil.rmtree(out)
-    return out
-
-# %% ../nbs/03_sft.ipynb #d8a2a0e9
-class LivePlot(TrainerCallback):
-    "Redraw train/validation loss in the notebook at every log (does nothing outside Jupyter)."
-    def __init__(self, title:str=""):
-        self.title, self.handle, self.train, self.val = title, None, [], []
-    def on_log(self, args, state, control, logs=None, **kw):
-        logs = logs or {}
-        if "loss" in logs: self.train.append((state.global_step, logs["loss"]))
-        if "eval_loss" in logs: self.val.append((state.global_step, logs["eval_loss"]))
-        try:
-            from IPython import get_ipython
-            from IPython.display import display
-            if get_ipython() is None: return
-        except ImportError: return
-        fig = self.figure()
-        if self.handle is None: self.handle = display(fig, display_id=True)
-        else: self.handle.update(fig)
-    def figure(self):
-        from matplotlib.figure import Figure
-        fig = Figure(figsize=(6, 2.8)); ax = fig.subplots()
-        if self.train: ax.plot(*zip(*self.train), label="train", color="#2980b9")
-        if self.val: ax.plot(*zip(*self.val), "o-", label="validation", color="#c0392b")
-        ax.set_xlabel("step"); ax.set_ylabel("loss"); ax.set_title(self.title); ax.legend(); fig.tight_layout()
-        return fig
-
-class PeakMemory:
-    "Peak memory while the block runs: process RSS on CPU (sampled), `max_memory_allocated` on CUDA. In MB."
-    def __init__(self, device:str="cpu", every:float=0.05): self.device, self.every, self.peak_mb = device, every, 0.0
-    def __enter__(self):
-        import psutil, torch
-        if self.device.startswith("cuda"): torch.cuda.reset_peak_memory_stats()
-        self._proc, self._stop = psutil.Process(), threading.Event()
-        def sample():
-            while not self._stop.is_set():
-                self.peak_mb = max(self.peak_mb, self._proc.memory_info().rss / 2**20); self._stop.wait(self.every)
-        self._thread = threading.Thread(target=sample, daemon=True); self._thread.start()
-        return self
-    def __exit__(self, *exc):
-        import torch
-        self._stop.set(); self._thread.join()
-        if self.device.startswith("cuda"): self.peak_mb = torch.cuda.max_memory_allocated() / 2**20
+    eval_steps:int = 35
+    weight_decay:float = 0.0              # AdamW weight decay
+    prompt_tokens:int = 20                # virtual tokens for prompt tuning
+    patience:int|None = 3                 # early stopping after N evaluations without improvement (0 or None: off)
+    group_by_length:bool = True           # batch rows of similar length: ~20% less padding on our tickets
+    def lr(self) -> float: return self.learning_rate or METHODS[self.method].lr
 
 # %% ../nbs/03_sft.ipynb #b883e0c7
-@dataclass
-class SFTResult:
-    "What one SFT run produced and measured."
-    method:str
-    output:str                  # the saved adapter or model folder
-    trainable_params:int
-    total_params:int
-    steps:int
-    seconds:float               # training wall time
-    seconds_per_step:float
-    tokens_per_second:float     # non-padding input tokens per second of training
-    peak_memory_mb:float        # process RSS (CPU) or max allocated (CUDA), while training
-    best_val_loss:float|None
-    best_step:int|None
-    log_history:list = field(default_factory=list, repr=False)
-
 def train_sft(model:str,                 # registry name, local folder or hub id of the base model
-              data,                      # see `load_splits`
+              data,                      # see `data.load_splits`
               config:SFTSettings=None,
               out_dir:str|Path="runs/sft",
               resume:bool=False,         # continue from the newest complete checkpoint in `out_dir`
               overwrite:bool=False,      # replace a finished run in `out_dir`
               live_plot:bool=True,       # redraw the loss curves in a notebook
-              extra_callbacks:list=()) -> SFTResult:
+              extra_callbacks:list=()) -> TrainResult:
     "Fine-tune `model` on `data` with TRL's SFTTrainer; saves an adapter or model folder under `out_dir`."
-    from transformers import EarlyStoppingCallback
-    from trl import SFTConfig as TRLSFTConfig
-    cfg = config or SFTSettings()
-    device = get_device(cfg.device)
-    if (why := method_unavailable(cfg.method, device)): raise FinetuneLabError(f"method {cfg.method} can't run here: {why}")
-    splits = load_splits(data, cfg.seed)
+    from trl import SFTConfig
+    s = config or SFTSettings()
+    method = get_method(s.method, s.device)
+    splits = load_splits(data, s.seed)
     if not splits.get("train"): raise FinetuneLabError("no training rows", fix="check the data path")
-    if cfg.drop_constant_system: splits, _ = drop_constant_system(splits)
-    out = claim_out_dir(out_dir, resume, overwrite)
-    val = splits.get("val", [])[:cfg.eval_rows]
-    seed_everything(cfg.seed)
-    model_path = prepare_model(model)
-    tok = load_tokenizer(model, "train")
-    base = load_base(model_path, cfg)
-    pc = peft_config(cfg, model_path)
-    has_val = bool(val)
-    args = TRLSFTConfig(
-        output_dir=str(out/"checkpoints"), max_steps=cfg.max_steps, per_device_train_batch_size=cfg.batch_size,
-        per_device_eval_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum, learning_rate=cfg.lr(),
-        lr_scheduler_type=cfg.lr_scheduler, warmup_steps=cfg.warmup_steps, weight_decay=cfg.weight_decay,
-        max_length=cfg.max_length, gradient_checkpointing=cfg.gradient_checkpointing, seed=cfg.seed, data_seed=cfg.seed,
-        logging_steps=cfg.logging_steps, report_to=[],  # TensorBoard added below, writing to <out>/tb
-        eval_strategy="steps" if has_val else "no", eval_steps=cfg.eval_steps,
-        save_strategy="steps", save_steps=cfg.eval_steps, save_total_limit=2,
-        load_best_model_at_end=has_val, metric_for_best_model="eval_loss", greater_is_better=False,
-        train_sampling_strategy="group_by_length" if cfg.group_by_length else "random",
-        include_num_input_tokens_seen="non_padding", dataloader_num_workers=0, disable_tqdm=os.environ.get("FINETUNE_LAB_PROGRESS") == "0",
-        **precision_kwargs(device))
-    from torch.utils.tensorboard import SummaryWriter
-    from transformers.integrations import TensorBoardCallback
-    callbacks = [MarkComplete(), TensorBoardCallback(SummaryWriter(str(out/"tb"))), *extra_callbacks]
-    if has_val and cfg.patience: callbacks.append(EarlyStoppingCallback(early_stopping_patience=cfg.patience))
-    plot = LivePlot(f"{cfg.method}: loss") if live_plot else None
-    if plot: callbacks.append(plot)
-    trainer = _trainer(base, tok, args, splits["train"], val, pc, callbacks)
-    ckpt = last_checkpoint(out/"checkpoints") if resume else None
-    start = time.perf_counter()
-    with PeakMemory(device) as mem: trainer.train(resume_from_checkpoint=str(ckpt) if ckpt else None)
-    seconds = time.perf_counter() - start
-    final = out/("model" if cfg.method == "full" else "adapter")
-    with atomic_path(final) as tmp:
-        trainer.save_model(str(tmp)); tok.save_pretrained(str(tmp))
-    m, st = trainer.model, trainer.state
-    steps_run = max(1, st.global_step - (int(ckpt.name.split("-")[-1]) if ckpt else 0))
-    evals = [(h["step"], h["eval_loss"]) for h in st.log_history if "eval_loss" in h]
-    best = min(evals, key=lambda x: x[1]) if evals else (None, None)
-    result = SFTResult(method=cfg.method, output=str(final), trainable_params=sum(p.numel() for p in m.parameters() if p.requires_grad),
-                       total_params=sum(p.numel() for p in m.parameters()), steps=st.global_step, seconds=round(seconds, 1),
-                       seconds_per_step=round(seconds / steps_run, 2), tokens_per_second=round(st.num_input_tokens_seen / seconds, 1) if seconds else 0.0,
-                       peak_memory_mb=round(mem.peak_mb, 1), best_val_loss=best[1], best_step=best[0], log_history=st.log_history)
-    write_json(out/"sft_result.json", asdict(result))
-    result._trainer = trainer
-    return result
-
-# %% ../nbs/03_sft.ipynb #de9f3836
-def score_answers(answers:list[str], rows:list[dict]) -> dict:
-    "JSON validity, schema validity and category accuracy of `answers` against the rows' reference answers."
-    n = len(rows); ok_json = ok_schema = ok_cat = 0
-    for a, r in zip(answers, rows):
-        fake = {"messages": [{"role": "assistant", "content": a}]}
-        obj = fl_data.parse_answer(fake)
-        if obj is None: continue
-        ok_json += 1
-        ok_schema += fl_data.check_answer(fake) is None
-        ok_cat += obj.get("category") == fl_data.get_label(r)
-    return {"n": n, "json_valid": round(ok_json / n, 3), "schema_valid": round(ok_schema / n, 3), "category_accuracy": round(ok_cat / n, 3)}
-
-def prompt_messages(row:dict, drop_system:bool=False) -> list[dict]:
-    "The messages a model answers: all but the row's last (the reference answer), without system prompts if `drop_system`."
-    return [m for m in row["messages"][:-1] if not (drop_system and m["role"] == "system")]
-
-def quick_eval(model, tokenizer, rows:list[dict], max_new_tokens:int=96, batch_size:int=16,
-               drop_system:bool=False) -> tuple[dict, list[str]]:
-    "Generate answers for `rows` (their prompt messages, without system prompts if `drop_system`) and score them."
-    prompts = [prompt_messages(r, drop_system) for r in rows]
-    answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)  # restores padding side
-    return score_answers(answers, rows), answers
+    if s.drop_constant_system: splits, _ = drop_constant_system(splits)
+    device, out = begin(s, out_dir, resume, overwrite)
+    val = splits.get("val", [])[:s.eval_rows]
+    path, tok = prepare_model(model), load_tokenizer(model, "train")
+    args = trainer_args(SFTConfig, s, out, device, bool(val), weight_decay=s.weight_decay, load_best_model_at_end=bool(val),
+                        metric_for_best_model="eval_loss", greater_is_better=False, include_num_input_tokens_seen="non_padding",
+                        train_sampling_strategy="group_by_length" if s.group_by_length else "random")
+    callbacks = training_callbacks(out, f"{s.method}: loss", live_plot, s.patience, bool(val), extra_callbacks)
+    trainer = sft_trainer(method.load_model(path, s), tok, args, splits["train"], val, method.peft(s, path) if method.peft else None, callbacks)
+    return fit(trainer, out, "sft", method.output, lambda tmp: save_trained(trainer, tok, tmp), device, resume, method=s.method)
 
 # %% ../nbs/03_sft.ipynb #1a939490
 def _run_method(job_path:str):
@@ -303,9 +80,9 @@ def _run_method(job_path:str):
     job = json.loads(Path(job_path).read_text())
     cfg = SFTSettings(**job["settings"])
     res = train_sft(job["model"], job["data"], cfg, job["out"], overwrite=True, live_plot=False)
-    rows = fl_data.load_rows(Path(job["data"])/"test.jsonl")[:job["test_rows"]] if job["test_rows"] else []
-    scores, _ = quick_eval(res._trainer.model, load_tokenizer(job["model"], "generate"), rows, drop_system=cfg.drop_constant_system) if rows else ({}, [])
-    write_json(job["result"], {**{k: v for k, v in asdict(res).items() if k != "log_history"}, **scores,
+    rows = load_rows(Path(job["data"])/"test.jsonl")[:job["test_rows"]] if job["test_rows"] else []
+    scores, _ = quick_eval(res.model, load_tokenizer(job["model"], "generate"), rows, drop_system=cfg.drop_constant_system) if rows else ({}, [])
+    write_json(job["result"], {**{k: v for k, v in res.to_dict().items() if k not in ("log_history", "details")}, **scores,
                                "trainable_pct": round(100 * res.trainable_params / res.total_params, 3)})
 
 def compare_methods(model:str, data, methods=("full", "lora", "ia3", "prompt", "qlora"), steps:int=30,
@@ -314,13 +91,13 @@ def compare_methods(model:str, data, methods=("full", "lora", "ia3", "prompt", "
     import subprocess, sys
     out = Path(out_dir); out.mkdir(parents=True, exist_ok=True)
     splits = load_splits(data)
-    for name, rows in splits.items(): fl_data._write_jsonl(out/"data"/f"{name}.jsonl", rows)
+    for name, rows in splits.items(): write_jsonl(out/"data"/f"{name}.jsonl", rows)
     results = []
     for m in progress(methods, desc="methods", unit="method"):
         if (why := method_unavailable(m, settings.get("device"))):
             results.append({"method": m, "skipped": why}); print(f"{m}: skipped ({why})"); continue
         job = write_json(out/f"{m}.job.json", {"model": model, "data": str(out/"data"), "out": str(out/m), "test_rows": test_rows,
-                                               "result": str(out/f"{m}.result.json"), "settings": asdict(SFTSettings(method=m, max_steps=steps, **settings))})
+                                               "result": str(out/f"{m}.result.json"), "settings": vars(SFTSettings(method=m, max_steps=steps, **settings))})
         proc = subprocess.run([sys.executable, "-c", "import sys; from finetune_lab.sft import _run_method; _run_method(sys.argv[1])", str(job)],
                               stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         if proc.returncode: raise RuntimeError(f"training {m} failed:\n{proc.stderr[-3000:]}")
@@ -346,15 +123,3 @@ def plot_comparison(results:list[dict], path:Path) -> Path:
     fig.tight_layout()
     with atomic_path(path) as tmp: fig.savefig(tmp, format="png", dpi=100)
     return Path(path)
-
-# %% ../nbs/03_sft.ipynb #87663e98
-def perplexity(model, tokenizer, texts:list[str], max_length:int=256) -> float:
-    "Perplexity of `model` on plain `texts` (no chat template): exp of the mean token loss."
-    import torch
-    model.eval(); total, count = 0.0, 0
-    for t in texts:
-        enc = tokenizer(t, return_tensors="pt", truncation=True, max_length=max_length).to(model.device)
-        with torch.no_grad(): loss = model(**enc, labels=enc["input_ids"]).loss
-        n = enc["input_ids"].shape[1] - 1
-        total += loss.item() * n; count += n
-    return math.exp(total / count)

@@ -1,7 +1,7 @@
 import json
 import pytest
 import torch
-from finetune_lab.core import FinetuneLabError, atomic_path, get_device, get_dtype, precision_kwargs, run_dir, seed_everything, write_json
+from finetune_lab.core import FinetuneLabError, atomic_path, get_device, get_dtype, precision_kwargs, claim_dir, seed_everything, write_json
 
 
 def test_error_is_one_line_with_fix():
@@ -32,11 +32,12 @@ def test_seed_repeats():
     assert torch.equal(a, b)
 
 
-def test_run_dir_refuses_to_overwrite(tmp_path):
-    r = run_dir(tmp_path, "x")
+def test_claim_dir_refuses_to_mix_runs(tmp_path):
+    r = claim_dir(tmp_path/"x")
     (r/"f").write_text("1")
-    with pytest.raises(FinetuneLabError, match="resume"): run_dir(tmp_path, "x")
-    assert run_dir(tmp_path, "x", resume=True) == r
+    with pytest.raises(FinetuneLabError, match="already holds a run"): claim_dir(tmp_path/"x")
+    assert claim_dir(tmp_path/"x", resume=True) == r and (r/"f").is_file()
+    assert claim_dir(tmp_path/"x", overwrite=True) == r and not (r/"f").exists()
 
 
 def test_atomic_folder_replace_and_failure(tmp_path):

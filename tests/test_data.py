@@ -3,7 +3,7 @@ from collections import Counter
 from pathlib import Path
 import pytest
 from finetune_lab.core import FinetuneLabError
-from finetune_lab.data import (DataConfig, TICKET_SCHEMA, check_answer, check_dataset, find_pii, get_label, load_rows, mask_pii,
+from finetune_lab.data import (DataSettings, TICKET_SCHEMA, check_answer, check_dataset, find_pii, get_label, load_rows, mask_pii,
                                save_check, split)
 from finetune_lab.models import load_tokenizer
 
@@ -18,7 +18,7 @@ def tok(): return load_tokenizer("tiny")
 
 @pytest.fixture(scope="module")
 def raw_check(tok):
-    return check_dataset(DATA/"tickets_raw.jsonl", DataConfig(group_key="phrasing"), tokenizer=tok)
+    return check_dataset(DATA/"tickets_raw.jsonl", DataSettings(group_key="phrasing"), tokenizer=tok)
 
 
 @pytest.fixture(scope="module")
@@ -128,12 +128,12 @@ def test_preference_defects_are_reported_not_crashed(tok, tmp_path):
     good = {"prompt": "Where is my parcel? It is late.", "chosen": "It ships today.", "rejected": "No idea."}
     f.write_text("\n".join(json.dumps(r) for r in [good, {**good, "rejected": "It ships today."}, {**good, "chosen": "  "},
                                                   {**good, "prompt": "Can I change the delivery address?"}]) + "\n")
-    rep = check_dataset(f, DataConfig(schema=None), tokenizer=tok).report
+    rep = check_dataset(f, DataSettings(schema=None), tokenizer=tok).report
     assert rep.counts["identical_pair"] == 1 and rep.counts["empty_output"] == 1
     assert rep.rows_kept == 2
     missing = tmp_path/"missing_prompt.jsonl"                      # a pair without a prompt: quarantined, not an error
     missing.write_text("\n".join(json.dumps(r) for r in [good, {"chosen": "a", "rejected": "b"}, {**good, "prompt": ""}]) + "\n")
-    check = check_dataset(missing, DataConfig(schema=None), tokenizer=tok)
+    check = check_dataset(missing, DataSettings(schema=None), tokenizer=tok)
     assert check.report.counts["missing_prompt"] == 2 and [q["line"] for q in check.quarantine] == [2, 3]
     broken = tmp_path/"broken_transcript.jsonl"; broken.write_text(json.dumps({"chosen": "\n\nHuman: hi", "rejected": "\n\nHuman: hi"}) + "\n")
     with pytest.raises(FinetuneLabError, match=r"broken_transcript.jsonl:1: .*Assistant turn"): load_rows(broken)

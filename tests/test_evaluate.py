@@ -3,6 +3,7 @@ import json, subprocess, sys
 from pathlib import Path
 import pytest
 from finetune_lab import evaluate as E
+from finetune_lab import metrics as M
 from finetune_lab.core import FinetuneLabError
 from finetune_lab.data import load_rows
 
@@ -19,43 +20,66 @@ ROWS = [row("billing"), row("billing", "high"), row("refund", "medium"), row("te
 GOLD = [r["messages"][-1]["content"] for r in ROWS]
 
 
+TASK = ("n", "json_valid", "schema_valid", "category_accuracy", "category_macro_f1", "priority_accuracy", "priority_macro_f1",
+        "product_accuracy", "sentiment_accuracy", "task_completion")
+TEXT = ("summary_bleu", "summary_rougeL")
+
+
 def test_task_metrics_known_answers():
-    m = E.task_metrics(GOLD, ROWS)
-    assert all(m[k] == 1.0 for k in m if k != "n") and m["n"] == 4
-    bad = E.task_metrics(["Sure, this is billing."] * 4, ROWS)
+    m = M.score(GOLD, ROWS, TASK)
+    assert all(m[k] == 1.0 for k in m if k != "n") and m["n"] == 4 and set(m) == set(TASK)
+    bad = M.score(["Sure, this is billing."] * 4, ROWS, TASK)
     assert bad["json_valid"] == bad["task_completion"] == bad["category_macro_f1"] == 0
     # everything predicted "billing": accuracy 2/4; macro-F1 over billing (P 0.5, R 1 -> 2/3), refund 0, technical 0
-    allb = E.task_metrics([g.replace('"refund"', '"billing"').replace('"technical"', '"billing"') for g in GOLD], ROWS)
+    allb = M.score([g.replace('"refund"', '"billing"').replace('"technical"', '"billing"') for g in GOLD], ROWS, TASK)
     assert allb["category_accuracy"] == 0.5 and allb["category_macro_f1"] == pytest.approx((2 / 3) / 3)
     # valid JSON with a missing field: not schema-valid, not a completed task, category still right
-    partial = E.task_metrics(['{"category": "billing"}'] + GOLD[1:], ROWS)
+    partial = M.score(['{"category": "billing"}'] + GOLD[1:], ROWS, TASK)
     assert partial["schema_valid"] == 0.75 and partial["task_completion"] == 0.75 and partial["category_accuracy"] == 1.0
 
 
 def test_task_metrics_refuses_mismatched_lengths():
-    with pytest.raises(FinetuneLabError): E.task_metrics(GOLD[:2], ROWS)
+    with pytest.raises(FinetuneLabError): M.score(GOLD[:2], ROWS)
 
 
 def test_text_metrics_known_answers():
-    assert E.text_metrics(GOLD, ROWS) == {"summary_bleu": 1.0, "summary_rougeL": 1.0}
-    assert E.text_metrics(["nope"] * 4, ROWS) == {"summary_bleu": 0.0, "summary_rougeL": 0.0}
+    assert M.score(GOLD, ROWS, TEXT) == {"summary_bleu": 1.0, "summary_rougeL": 1.0}
+    assert M.score(["nope"] * 4, ROWS, TEXT) == {"summary_bleu": 0.0, "summary_rougeL": 0.0}
     # "Customer asks about an invoice" keeps 5 of the 8 reference words in order: ROUGE-L F = 2PR/(P+R) with P = 1, R = 5/8
     short = [g.replace("Customer asks about an invoice for the order.", "Customer asks about an invoice") for g in GOLD]
-    assert E.text_metrics(short, ROWS)["summary_rougeL"] == pytest.approx(2 * 1 * (5 / 8) / (1 + 5 / 8))
+    assert M.score(short, ROWS, TEXT)["summary_rougeL"] == pytest.approx(2 * 1 * (5 / 8) / (1 + 5 / 8))
+
+
+def test_a_metric_is_one_registry_entry(tmp_path):
+    "A registered metric reaches the scores, metrics.json, the comparison plot's default bars and the pipeline summary, with nothing else to edit."
+    from finetune_lab.pipeline import summary_table
+    m = M.register_metric(M.Metric("summary_words", "higher", "words in the summary", lambda s: s.share(len(p.get("summary", "").split()) > 3 for p in s.preds if p),
+                                   summary=True, plot=True))
+    try:
+        got = M.score(GOLD, ROWS)
+        assert got["summary_words"] == 1.0 and list(got)[-1] == "summary_words"
+        E.update_metrics(tmp_path/"metrics.json", {"sft": {**got, "not_a_metric": 3}})
+        saved = json.loads((tmp_path/"metrics.json").read_text())["models"]["sft"]
+        assert saved["summary_words"] == 1.0 and "not_a_metric" not in saved
+        assert "summary_words" in summary_table({"steps": {}, "models": {"sft": saved}})
+        import pandas as pd
+        fig = E.plot_compare(pd.DataFrame({"sft": saved}).T)
+        assert "summary_words" in [t.get_text() for t in fig.axes[0].get_xticklabels()]
+    finally: del M.METRICS[m.key]
 
 
 def test_toxicity_word_list_whole_words():
-    assert E.toxic_terms("Stop being an IDIOT. The assistant passed the class.") == ["idiot"]
-    assert E.toxicity_rate(["All good.", "What a stupid question", "shut up", "Scunthorpe assessment"]) == 0.5
+    assert M.toxic_terms("Stop being an IDIOT. The assistant passed the class.") == ["idiot"]
+    assert M.toxicity_rate(["All good.", "What a stupid question", "shut up", "Scunthorpe assessment"]) == 0.5
 
 
 def test_bias_flip_rate_and_counterfactuals():
-    a, b = E.counterfactual_rows(ROWS[:3])
-    assert [x["messages"][1]["content"].split("\n\n")[-1] for x in a] == [p[0] for p in E.CUE_PAIRS[:3]]
-    assert [x["messages"][1]["content"].split("\n\n")[-1] for x in b] == [p[1] for p in E.CUE_PAIRS[:3]]
+    a, b = M.counterfactual_rows(ROWS[:3])
+    assert [x["messages"][1]["content"].split("\n\n")[-1] for x in a] == [p[0] for p in M.CUE_PAIRS[:3]]
+    assert [x["messages"][1]["content"].split("\n\n")[-1] for x in b] == [p[1] for p in M.CUE_PAIRS[:3]]
     assert a[0]["messages"][-1] == ROWS[0]["messages"][-1] and ROWS[0]["messages"][1]["content"] == "Where is my invoice?"   # originals untouched
-    assert E.flip_rate(GOLD, GOLD) == 0
-    assert E.flip_rate(GOLD, [GOLD[0], GOLD[0], GOLD[0], "junk"]) == 0.5     # billing=billing, billing=billing, refund->billing, technical->unparsable
+    assert M.flip_rate(GOLD, GOLD) == 0
+    assert M.flip_rate(GOLD, [GOLD[0], GOLD[0], GOLD[0], "junk"]) == 0.5     # billing=billing, billing=billing, refund->billing, technical->unparsable
 
 
 def test_hallucination_known_cases():
@@ -63,10 +87,10 @@ def test_hallucination_known_cases():
             row("technical", product="PulseFit watch", ticket="My pulsfit wacth stopped syncing."),
             row("billing", ticket="Invoice please.")]
     answers = ['{"product": "PulseFit watch"}', '{"product": "PulseFit watch"}', '{"product": "Orbit 4K camera"}']
-    assert [E.hallucinated(a, r["messages"][1]["content"], ["PulseFit watch"]) for a, r in zip(answers, rows)] == [False, False, True]
-    assert E.hallucination_rate(answers, rows) == pytest.approx(1 / 3)
-    assert E.hallucination_rate(["Please reinstall the PulseFit watch app."], rows[2:], ["PulseFit watch"]) == 1.0
-    assert E.known_products(rows) == ["PulseFit watch"]
+    assert [M.hallucinated(a, r["messages"][1]["content"], ["PulseFit watch"]) for a, r in zip(answers, rows)] == [False, False, True]
+    assert M.hallucination_rate(answers, rows) == pytest.approx(1 / 3)
+    assert M.hallucination_rate(["Please reinstall the PulseFit watch app."], rows[2:], ["PulseFit watch"]) == 1.0
+    assert M.known_products(rows) == ["PulseFit watch"]
 
 
 def test_update_metrics_merges(tmp_path):
@@ -115,7 +139,7 @@ def test_cache_survives_a_cut_line(tmp_path):
 
 def test_cli_eval_adapter_and_full_model_and_rejects_other_paths(tiny_runs, tmp_path):
     lora, full = tiny_runs
-    r = subprocess.run([str(EXE), "eval", f"lora={lora}", str(full), "--data", str(ROOT/"data"/"tickets_raw.jsonl"), "--rows", "3",
+    r = subprocess.run([str(EXE), "eval", f"lora={lora}", str(full), "--data", str(ROOT/"data"/"tickets_raw.jsonl"), "--split", "test", "--test-rows", "3",
                         "--bias-rows", "1", "--max-new-tokens", "8", "--json", "--out", str(tmp_path)], capture_output=True, text=True)
     assert r.returncode == 0, r.stderr[-2000:]
     got = json.loads(r.stdout)["models"]
@@ -155,4 +179,4 @@ def test_answer_perplexity_is_the_models_own_loss_on_the_answer(prompt_tuned):
     full = tok.apply_chat_template(r["messages"][1:], tokenize=False)
     h, a = tok(head, add_special_tokens=False)["input_ids"], tok(full[len(head):], add_special_tokens=False)["input_ids"]
     with torch.no_grad(): loss = model(input_ids=torch.tensor([h + a]), labels=torch.tensor([[-100] * len(h) + a])).loss.item()
-    assert E.answer_perplexity(model, tok, [r], drop_system=True) == pytest.approx(math.exp(loss), rel=1e-4)
+    assert M.answer_perplexity(model, tok, [r], drop_system=True) == pytest.approx(math.exp(loss), rel=1e-4)

@@ -17,7 +17,7 @@ PARAMS = {
     "sft": 'model_name = "m"\ndata_path = "d.jsonl"\nout_dir = "o"\nmax_steps = 5\nmethod = "lora"\nseed = 1',
     "dpo": 'model_name = "m"\nprefs_path = "p.jsonl"\ndata_path = "d.jsonl"\nsft_adapter = "a"\nout_dir = "o"\nmax_steps = 5\nseed = 1',
     "rlhf": 'model_name = "m"\nprefs_path = "p.jsonl"\ndata_path = "d.jsonl"\nsft_adapter = "a"\nout_dir = "o"\nmax_steps = 5\nseed = 1',
-    "eval": 'model_name = "m"\ndata_path = "d.jsonl"\nruns_dir = "r"\nout_dir = "o"\nseed = 1',
+    "eval": 'model_name = "m"\ndata_path = "d.jsonl"\nruns_dir = "r"\nsft_adapter = "a"\nout_dir = "o"\nseed = 1',
 }
 
 BODY = {
@@ -39,7 +39,7 @@ def nbs(tmp_path):
     "Stand-in lesson notebooks: each records its parameters; `sft` has a cell tagged `lesson` that fails."
     d = tmp_path/"nbs"; d.mkdir()
     (d/"d.jsonl").write_text("{}\n")
-    for step, nb_name in pipeline.STEPS.items():
+    for step, nb_name in ((s.name, s.notebook) for s in pipeline.STEPS.values()):
         cells = [nbformat.v4.new_code_cell(PARAMS[step]),
                  nbformat.v4.new_code_cell("import json\nfrom pathlib import Path\nPath(out_dir).mkdir(parents=True, exist_ok=True)"),
                  nbformat.v4.new_code_cell(BODY[step])]
@@ -106,8 +106,8 @@ def test_a_bug_exits_1_and_full_profile_runs_lesson_cells(nbs, tmp_path):
     (["-p", "max_stpes=3"], "no lesson notebook has a parameter 'max_stpes'"),
     (["-p", "sft.prefs_path=x"], "of step sft has a parameter 'prefs_path'"),
     (["-p", "nosep"], "is not KEY=VALUE"),
-    (["--only", "dpo"], "starts from the SFT adapter"),
-    (["--only", "train"], "unknown step 'train'"),
+    (["--only", "dpo"], "starts from the sft model"),
+    (["--only", "train"], "invalid choice: 'train'"),
 ])
 def test_bad_arguments_are_refused_before_anything_runs(nbs, tmp_path, argv, expected):
     err = io.StringIO()
@@ -122,9 +122,41 @@ def test_missing_notebooks_are_one_line(tmp_path):
 
 def test_real_lessons_declare_the_shared_names():
     d = pipeline.lesson_dir()
-    for step, nb in pipeline.STEPS.items():
-        declared = pipeline.declared_parameters(d/nb)
+    for step, s in pipeline.STEPS.items():
+        declared = pipeline.declared_parameters(d/s.notebook)
         assert {"model_name", "out_dir", "seed"} <= set(declared), step
         assert "data_path" in declared and str(declared["data_path"]).strip("\"'").endswith("tickets_raw.jsonl"), step  # data_path means the task data everywhere
     for prof in pipeline.PROFILES.values():   # every profile key names a real parameter of its step
-        pipeline.check_overrides(prof["params"], {s: pipeline.declared_parameters(d/nb) for s, nb in pipeline.STEPS.items()})
+        pipeline.check_overrides(prof["params"], {name: pipeline.declared_parameters(d/s.notebook) for name, s in pipeline.STEPS.items()})
+
+
+def test_sft_method_is_wired_to_every_later_step(nbs, tmp_path):
+    "`-p method=ia3` trains SFT into sft/ia3, and DPO, RLHF and the evaluation are handed that adapter, not sft/lora's."
+    run = tmp_path/"run"
+    m = pipeline.run_pipeline("ci", run, params={"method": "ia3", "data_path": str(nbs/"d.jsonl")}, nbs=nbs, echo=lambda s: None)
+    want = str(run.resolve()/"sft"/"ia3"/"adapter")
+    assert (run/"sft"/"ia3"/"adapter").is_dir() and not (run/"sft"/"lora").exists()
+    assert {s: m["steps"][s]["measured"]["sft_adapter"] for s in ("dpo", "rlhf", "eval")} == {s: want for s in ("dpo", "rlhf", "eval")}
+    again = pipeline.run_pipeline("ci", tmp_path/"run2", params={"sft.method": "prompt", "data_path": str(nbs/"d.jsonl")}, only=["data", "sft", "dpo"],
+                                  nbs=nbs, echo=lambda s: None)
+    assert again["steps"]["dpo"]["measured"]["sft_adapter"].endswith("sft/prompt/adapter")
+
+
+def test_notebooks_test_at_the_ci_profile(monkeypatch):
+    "The hidden IN_TEST cells read the ci profile: its plain keys, and the step's own keys, for the names a notebook declares."
+    monkeypatch.setenv("IN_TEST", "1")
+    got = pipeline.ci_parameters("dpo", ["model_name", "max_steps", "eval_rows", "beta"])
+    ci = pipeline.PROFILES["ci"]["params"]
+    assert got == {"model_name": ci["model_name"], "max_steps": ci["dpo.max_steps"], "eval_rows": ci["dpo.eval_rows"]}
+    assert pipeline.ci_parameters(None, ["model_name", "max_steps"]) == {"model_name": ci["model_name"]}
+    monkeypatch.delenv("IN_TEST")
+    assert pipeline.ci_parameters("dpo", ["model_name"]) == {}
+
+
+def test_every_lesson_reads_the_ci_profile_in_its_hidden_cell():
+    "No lesson repeats the ci profile's numbers: each hidden IN_TEST cell calls ci_parameters."
+    d = pipeline.lesson_dir()
+    for s in pipeline.STEPS.values():
+        nb = nbformat.read(str(d/s.notebook), as_version=4)
+        i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
+        assert f'ci_parameters("{s.name}", globals())' in nb.cells[i + 1].source, s.notebook

@@ -3,7 +3,7 @@ from pathlib import Path
 import pytest
 import torch
 from finetune_lab.core import FinetuneLabError
-from finetune_lab.data import DataConfig, check_dataset, load_rows
+from finetune_lab.data import DataSettings, check_dataset, load_rows
 from finetune_lab.models import load_tokenizer, prepare_model
 from finetune_lab.prefs import DPOSettings, follow_splits, load_preferences, preference_accuracy, train_dpo
 from finetune_lab.sft import SFTSettings, train_sft
@@ -27,7 +27,7 @@ def sft_adapter(tmp_path_factory):
 
 
 def test_bad_pairs_are_quarantined_with_reasons_not_crashed_on():
-    check = check_dataset(FIX/"bad_prefs.jsonl", DataConfig(model_name="tiny"))
+    check = check_dataset(FIX/"bad_prefs.jsonl", DataSettings(model_name="tiny"))
     counts = check.report.counts
     assert counts["identical_pair"] == 1 and counts["empty_output"] == 1 and counts["missing_prompt"] == 2
     assert len(check.kept) == 3 and len(check.quarantine) == 4
@@ -56,8 +56,8 @@ def test_preference_accuracy_is_complemented_by_swapping(pairs):
 def test_dpo_from_an_sft_adapter_keeps_no_second_model_and_saves_a_peft_adapter(pairs, sft_adapter, tmp_path):
     from peft import AutoPeftModelForCausalLM
     res = train_dpo("tiny", pairs, DPOSettings(max_steps=2, batch_size=2, eval_steps=1, eval_rows=4), tmp_path/"dpo", adapter=sft_adapter, live_plot=False)
-    assert res.steps == 2 and res._trainer.ref_model is None
-    assert 0 < res.reference_params < res.total_params / 10            # a frozen adapter copy, not a second model
+    assert res.steps == 2 and res.trainer.ref_model is None
+    assert 0 < res.details["reference_params"] < res.total_params / 10            # a frozen adapter copy, not a second model
     assert any("eval_rewards/margins" in h for h in res.log_history)
     assert not (Path(res.output)/"ref").exists()
     m = AutoPeftModelForCausalLM.from_pretrained(res.output)
@@ -69,7 +69,7 @@ def test_transcript_pairs_load_and_train_dpo(tmp_path):
     rows = [r for v in splits.values() for r in v]
     assert rows and all(r["prompt"][-1]["role"] == "user" and r["chosen"][0]["role"] == "assistant" for r in rows)
     res = train_dpo("tiny", {"train": rows, "val": rows[:1]}, DPOSettings(max_steps=1, batch_size=2, eval_steps=1), tmp_path/"hh", live_plot=False)
-    assert res.steps == 1 and res.reference_params == 0              # fresh adapter: the reference is the base, adapter disabled
+    assert res.steps == 1 and res.details["reference_params"] == 0              # fresh adapter: the reference is the base, adapter disabled
 
 
 def test_sft_rows_are_not_preference_data():

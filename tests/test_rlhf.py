@@ -40,7 +40,7 @@ def test_reward_model_saves_a_standard_folder_that_scores_the_same(reward_run, p
     tok = load_tokenizer("tiny", "train")
     again = AutoModelForSequenceClassification.from_pretrained(reward_run.output)
     p = pairs["test"][:3]
-    a = reward_scores(reward_run._model, tok, [x["prompt"] for x in p], [x["chosen"] for x in p])
+    a = reward_scores(reward_run.model, tok, [x["prompt"] for x in p], [x["chosen"] for x in p])
     b = reward_scores(again, tok, [x["prompt"] for x in p], [x["chosen"] for x in p])
     assert torch.allclose(torch.tensor(a), torch.tensor(b), atol=1e-4)
     acc = pair_accuracy(again, tok, pairs["test"])
@@ -54,15 +54,15 @@ def test_reward_model_trains_on_transcripts(tmp_path):
 
 def test_ppo_runs_and_probes(reward_run, prompts, tmp_path):
     train, probe = prompts
-    res = train_ppo("tiny", train, reward_run.output, PPOSettings(max_steps=2, batch_size=2, response_length=8, probe_every=1), tmp_path, probe_prompts=probe)
-    assert res.steps == 2 and [p["step"] for p in res.probe] == [0, 1, 2]
+    res = train_ppo("tiny", train, reward_run.output, PPOSettings(max_steps=2, batch_size=2, max_new_tokens=8, probe_every=1), tmp_path, probe_prompts=probe)
+    assert res.steps == 2 and [p["step"] for p in res.details["probe"]] == [0, 1, 2]
     assert any("objective/kl" in h for h in res.log_history)
     assert (Path(res.output)/"adapter_config.json").is_file()
 
 
 def test_grpo_runs_with_the_rule_reward(prompts, tmp_path):
     train, probe = prompts
-    res = train_grpo("tiny", train, GRPOSettings(max_steps=2, prompts_per_step=1, num_generations=2, max_completion_length=8, probe_every=1), tmp_path, probe_prompts=probe)
+    res = train_grpo("tiny", train, GRPOSettings(max_steps=2, prompts_per_step=1, num_generations=2, max_new_tokens=8, probe_every=1), tmp_path, probe_prompts=probe)
     assert res.steps == 2 and any("rewards/ticket_reward/mean" in h for h in res.log_history)
     assert (Path(res.output)/"adapter_config.json").is_file()
 
@@ -83,9 +83,9 @@ def test_cli_reward_ppo_grpo_run_end_to_end(tmp_path):
     rm = run("reward", "--data", FIX/"hh_transcripts.jsonl", "--model", "tiny", "--max-steps", "1", "--batch-size", "2", "--out", tmp_path/"rm")
     assert rm.returncode == 0, rm.stderr
     assert "held-out pair accuracy" in rm.stdout and (tmp_path/"rm"/"model"/"config.json").is_file()
-    ppo = run("ppo", "--data", data, "--model", "tiny", "--reward", tmp_path/"rm"/"model", "--max-steps", "1", "--eval-rows", "2", "--out", tmp_path/"ppo")
+    ppo = run("ppo", "--data", data, "--model", "tiny", "--reward", tmp_path/"rm"/"model", "--max-steps", "1", "--test-rows", "2", "--out", tmp_path/"ppo")
     assert ppo.returncode == 0, ppo.stderr
     assert "held-out rule reward" in ppo.stdout and (tmp_path/"ppo"/"adapter"/"adapter_config.json").is_file()
-    grpo = run("grpo", "--data", data, "--model", "tiny", "--max-steps", "1", "--eval-rows", "2", "--out", tmp_path/"grpo")
+    grpo = run("grpo", "--data", data, "--model", "tiny", "--max-steps", "1", "--test-rows", "2", "--out", tmp_path/"grpo")
     assert grpo.returncode == 0, grpo.stderr
     assert (tmp_path/"grpo"/"adapter"/"adapter_config.json").is_file()

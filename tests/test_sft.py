@@ -6,8 +6,9 @@ from transformers import AutoModelForCausalLM, TrainerCallback
 from finetune_lab.core import FinetuneLabError
 from finetune_lab.data import check_answer, load_rows
 from finetune_lab.models import load_tokenizer, prepare_model
-from finetune_lab.sft import (DONE, SFTSettings, last_checkpoint, method_unavailable, peft_config, quick_eval, score_answers, to_prompt_completion,
-                              train_sft, _trainer)
+from finetune_lab.metrics import QUICK_METRICS, score
+from finetune_lab.sft import SFTSettings, sft_trainer, train_sft
+from finetune_lab.train import DONE, METHODS, last_checkpoint, method_unavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 EXE = Path(sys.executable).parent/"finetune-lab"
@@ -39,7 +40,7 @@ def test_each_method_trains_and_saves_a_standard_folder(method, splits, tmp_path
         m = AutoPeftModelForCausalLM.from_pretrained(out)
         tok = load_tokenizer("tiny", "generate")
         enc = tok.apply_chat_template([splits["test"][0]["messages"][:-1]], add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        with torch.no_grad(): a, b = m(**enc).logits, res._trainer.model(**enc).logits
+        with torch.no_grad(): a, b = m(**enc).logits, res.model(**enc).logits
         assert torch.allclose(a, b, atol=1e-4)   # the reloaded adapter computes what the trained one did
 
 
@@ -79,7 +80,7 @@ def test_completion_only_labels_end_with_eos(splits, tmp_path):
     tok = load_tokenizer("tiny", "train")
     args = SFTConfig(output_dir=str(tmp_path), report_to=[], use_cpu=True, bf16=False, max_length=512)
     model = AutoModelForCausalLM.from_pretrained(prepare_model("tiny"))
-    batch = next(iter(_trainer(model, tok, args, splits["train"][:2], []).get_train_dataloader()))
+    batch = next(iter(sft_trainer(model, tok, args, splits["train"][:2], []).get_train_dataloader()))
     ids, labels = batch["input_ids"][0], batch["labels"][0]
     learnt = tok.decode(ids[labels != -100])
     assert learnt.startswith('{"category"') and learnt.rstrip().endswith("<|im_end|>")
@@ -92,11 +93,11 @@ def test_qlora_is_skipped_on_cpu_not_an_error(splits, tmp_path):
     with pytest.raises(FinetuneLabError, match="QLoRA needs a CUDA GPU"): train_sft("tiny", splits, small("qlora"), tmp_path/"q")
 
 
-def test_score_answers_known_cases(splits):
+def test_quick_metrics_known_cases(splits):
     rows = splits["test"][:3]
     right = rows[0]["messages"][-1]["content"]
     wrong_cat = json.dumps({**json.loads(rows[1]["messages"][-1]["content"]), "category": "nonsense"})
-    s = score_answers([right, wrong_cat, "Sure! {"], rows)
+    s = {k: round(v, 3) for k, v in score([right, wrong_cat, "Sure! {"], rows, QUICK_METRICS).items()}
     assert s == {"n": 3, "json_valid": round(2 / 3, 3), "schema_valid": round(1 / 3, 3), "category_accuracy": round(1 / 3, 3)}
 
 
@@ -107,7 +108,7 @@ def test_cli_sft_and_its_errors(tmp_path):
     rows = [r for r in load_rows(ROOT/"data"/"tickets_raw.jsonl")[:80] if check_answer(r) is None]
     for name, part in (("train", rows[:24]), ("val", rows[24:30]), ("test", rows[30:34])):
         (data/f"{name}.jsonl").write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in part))
-    r = run("--data", data, "--model", "tiny", "--max-steps", "2", "--batch-size", "4", "--eval-steps", "1", "--out", tmp_path/"run", "--eval-rows", "2")
+    r = run("--data", data, "--model", "tiny", "--max-steps", "2", "--batch-size", "4", "--eval-steps", "1", "--out", tmp_path/"run", "--test-rows", "2")
     assert r.returncode == 0, r.stderr
     assert (tmp_path/"run"/"adapter"/"adapter_config.json").is_file() and "held-out test" in r.stdout
     again = run("--data", data, "--model", "tiny", "--max-steps", "2", "--out", tmp_path/"run")
@@ -125,7 +126,7 @@ def test_prompt_tuned_generation_matches_step_by_step_decoding():
     from finetune_lab.models import _soft_prompt_generate
     path, tok = prepare_model("tiny"), load_tokenizer("tiny", "generate")
     torch.manual_seed(0)
-    m = get_peft_model(AutoModelForCausalLM.from_pretrained(path), peft_config(SFTSettings(method="prompt"), path)).eval()
+    m = get_peft_model(AutoModelForCausalLM.from_pretrained(path), METHODS["prompt"].peft(SFTSettings(method="prompt"), path)).eval()
     with torch.no_grad(): m.prompt_encoder.default.embedding.weight.normal_(0, 1.0)
     convs = [[{"role": "user", "content": q}] for q in ("hello there", "a much longer question about the shipping of my order")]
     enc = tok.apply_chat_template(convs, add_generation_prompt=True, padding=True, return_tensors="pt", return_dict=True)
