@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import FinetuneLabError, atomic_path, progress, write_json
 from .data import prompt_messages
-from .metrics import METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, score
+from .metrics import INVALID, METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, score
 from .models import MODELS, generate, load_model, load_tokenizer, merge_adapter, prepare_model
 
 # %% auto #0
@@ -153,10 +153,10 @@ def plot_confusion(answers_by_model:dict[str, list[str]], rows:list[dict], field
     from matplotlib.figure import Figure
     from sklearn.metrics import confusion_matrix
     truth = [label(parse(r["messages"][-1]["content"]), field) for r in rows]
-    labels = sorted(set(truth) - {"<invalid>"}); cols = labels + ["<invalid>"]
+    labels = sorted(set(truth) - {INVALID}); cols = labels + [INVALID]
     fig = Figure(figsize=(3.6 * len(answers_by_model), 3.6)); axes = np.atleast_1d(fig.subplots(1, len(answers_by_model)))
     for ax, (name, answers) in zip(axes, answers_by_model.items()):
-        pred = [p if p in labels else "<invalid>" for p in (label(parse(a), field) for a in answers)]
+        pred = [p if p in labels else INVALID for p in (label(parse(a), field) for a in answers)]
         m = confusion_matrix(truth, pred, labels=cols)[:len(labels)]
         ax.imshow(m, cmap="Blues")
         for (i, j), v in np.ndenumerate(m):
