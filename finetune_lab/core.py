@@ -6,14 +6,14 @@ Docs: https://finetune-lab.github.io/finetune_lab/core.html.md"""
 
 # %% ../nbs/00_core.ipynb #e4e45c9d
 from __future__ import annotations
-import logging, os, re, shutil, uuid, warnings
+import functools, logging, os, re, shutil, time, uuid, warnings
 from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'get_dtype', 'precision_kwargs', 'seed_everything',
-           'claim_dir', 'atomic_path', 'write_json', 'field_help', 'progress_on', 'progress', 'hush_dependency_notices',
-           'show_figures_as_png']
+__all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'cpu_bf16_native', 'bf16_speedup', 'train_precision',
+           'get_dtype', 'precision_kwargs', 'seed_everything', 'claim_dir', 'atomic_path', 'write_json', 'field_help',
+           'progress_on', 'progress', 'hush_dependency_notices', 'show_figures_as_png']
 
 # %% ../nbs/00_core.ipynb #69a66dff
 class FinetuneLabError(Exception):
@@ -44,10 +44,44 @@ def get_device(prefer:str=None # "cuda", "cuda:1", "mps" or "cpu"; default: `FIN
     if torch.backends.mps.is_available(): return "mps"
     return "cpu"
 
+# %% ../nbs/00_core.ipynb #b41d4ddf
+def cpu_bf16_native() -> bool:
+    "Whether this CPU has native bf16 instructions (AVX512-BF16 or AMX); False where the flags cannot be read."
+    try: flags = Path("/proc/cpuinfo").read_text()
+    except OSError: return False
+    return any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
+
+# %% ../nbs/00_core.ipynb #920e5c1a
+@functools.lru_cache(None)
+def bf16_speedup(tokens:int=1024, width:int=576, out:int=1536, reps:int=3) -> float:
+    "Measured time of an fp32 matrix product over its bf16 time on this CPU (> 1: bf16 is faster); cached per process."
+    import torch
+    def best(dtype):
+        a, w = torch.randn(tokens, width, dtype=dtype), torch.randn(out, width, dtype=dtype)
+        torch.nn.functional.linear(a, w)   # warm up
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter(); torch.nn.functional.linear(a, w); times.append(time.perf_counter() - t)
+        return min(times)
+    return round(best(torch.float32) / best(torch.bfloat16), 2)
+
+# %% ../nbs/00_core.ipynb #4d6bd662
+def train_precision(device:str=None # the device training will run on; default: `get_device()`
+                   ) -> str:
+    "`bf16`, `fp16` or `fp32`: the compute precision for training on `device` (`FINETUNE_LAB_PRECISION` overrides on a CPU)."
+    import torch
+    device = device or get_device()
+    if device.startswith("cuda"): return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if device != "cpu": return "fp32"
+    if (forced := os.environ.get("FINETUNE_LAB_PRECISION")):
+        if forced not in ("fp32", "bf16"): raise FinetuneLabError(f"FINETUNE_LAB_PRECISION={forced!r}", fix="set it to fp32 or bf16, or unset it")
+        return forced
+    return "bf16" if cpu_bf16_native() and bf16_speedup() >= 1.5 else "fp32"
+
 # %% ../nbs/00_core.ipynb #18f7b2cd
 def get_dtype(device:str=None # the device to pick a dtype for; default: `get_device()`
              ) -> "torch.dtype":
-    "bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU and MPS."
+    "The dtype to hold weights in for inference: bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU and MPS."
     import torch
     device = device or get_device()
     if device.startswith("cuda"):
@@ -57,12 +91,10 @@ def get_dtype(device:str=None # the device to pick a dtype for; default: `get_de
 # %% ../nbs/00_core.ipynb #7e9fc9df
 def precision_kwargs(device:str=None # the device training will run on; default: `get_device()`
                     ) -> dict:
-    "Mixed-precision flags for a transformers/TRL training config on `device`."
-    import torch
+    "Mixed-precision flags for a transformers/TRL training config on `device` (see `train_precision`)."
     device = device or get_device()
-    if device == "cpu": return dict(use_cpu=True, bf16=False, fp16=False)
-    dtype = get_dtype(device)
-    return dict(bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16)
+    p = train_precision(device)
+    return dict(use_cpu=device == "cpu", bf16=p == "bf16", fp16=p == "fp16")
 
 # %% ../nbs/00_core.ipynb #466f1bc2
 def seed_everything(seed:int=42 # the seed for `random`, NumPy and torch (CPU and every GPU)

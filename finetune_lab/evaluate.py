@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import FinetuneLabError, atomic_path, progress, write_json
 from .data import prompt_messages
-from .metrics import INVALID, METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, score
+from .metrics import ANSWER_STOP, INVALID, METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, row_values, score
 from .models import MODELS, generate, load_model, load_tokenizer, merge_adapter, prepare_model
 
 # %% auto #0
@@ -111,6 +111,7 @@ class GenSettings:
     "Generation settings for evaluation: greedy, so answers are deterministic."
     max_new_tokens:int = 96             # the longest answer generated
     batch_size:int = 16                 # prompts answered at once
+    stop:tuple = ANSWER_STOP            # an answer ends where its JSON object closes
 
 class Evaluator:
     "One model under evaluation: loads it only when something is not cached."
@@ -126,12 +127,12 @@ class Evaluator:
     def answers(self, rows:list[dict]) -> list[str]:
         "Each row's answer, from the cache or generated (in batches, cached as they finish)."
         prompts = self.prompts(rows); s = self.settings
-        keys = [GenerationCache.key("gen", p, s.max_new_tokens) for p in prompts]
+        keys = [GenerationCache.key("gen", p, s.max_new_tokens, list(s.stop or ())) for p in prompts]
         todo = [i for i, k in enumerate(keys) if self.cache.get(k) is None]
         step = s.batch_size * 4
         for start in progress(range(0, len(todo), step), desc=f"generating ({Path(self.ref.spec).name or self.ref.spec})", unit="batch", disable=not todo):
             idx = todo[start:start + step]
-            outs = generate(self.model, self._tok, [prompts[i] for i in idx], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size)
+            outs = generate(self.model, self._tok, [prompts[i] for i in idx], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, stop=s.stop)
             self.cache.put({keys[i]: o for i, o in zip(idx, outs)}); self.generated += len(idx)
         return [self.cache.get(k) for k in keys]
     def cached_value(self, name:str, parts, compute):
@@ -177,15 +178,17 @@ def evaluate_model(spec, rows:list[dict], cache_dir:str|Path, bias_rows:int=32, 
     answers = ev.answers(rows)
     a_rows, b_rows = counterfactual_rows(rows[:bias_rows])
     m = score(answers, rows, counterfactual=(ev.answers(a_rows), ev.answers(b_rows)), products=known_products(rows) if products is None else products,
-              **ev.perplexities(rows, probe_texts))
-    return {**m, "bias_pairs": len(a_rows), "generated": ev.generated, "seconds": round(time.perf_counter() - start, 1)}, answers
+              intervals=True, **ev.perplexities(rows, probe_texts))
+    return {**m, "per_row": row_values(answers, rows), "bias_pairs": len(a_rows), "generated": ev.generated,
+            "seconds": round(time.perf_counter() - start, 1)}, answers
 
 # %% ../nbs/06_evaluate.ipynb #59f7ce8b
 def update_metrics(path:str|Path, models:dict[str, dict]) -> Path:
-    "Merge `models` into `path` (under its `models` key), written atomically."
+    "Merge `models` into `path` (under its `models` key: registered metrics, their intervals and per-row values), written atomically."
     path = Path(path)
     cur = json.loads(path.read_text()) if path.is_file() else {}
-    cur.setdefault("models", {}).update({k: {m: v[m] for m in METRICS if m in v} for k, v in models.items()})
+    keep = lambda k: k in METRICS or k == "per_row" or k.endswith("_ci") and k[:-3] in METRICS
+    cur.setdefault("models", {}).update({name: {k: v for k, v in m.items() if keep(k)} for name, m in models.items()})
     return write_json(path, cur)
 
 def compare(models:dict[str, str],          # stage name -> model name, model folder or adapter folder

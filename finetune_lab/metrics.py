@@ -15,10 +15,11 @@ from . import data as fl_data
 from .models import generate
 
 # %% auto #0
-__all__ = ['FIELDS', 'INVALID', 'TOXIC_TERMS', 'CUE_PAIRS', 'METRICS', 'QUICK_METRICS', 'parse', 'label', 'schema_ok', 'Scored',
-           'field_hits', 'macro_f1', 'completed', 'summary_pairs', 'summary_bleu', 'summary_rouge_l', 'toxic_terms',
-           'toxicity_rate', 'counterfactual_rows', 'flip_rate', 'mentions', 'hallucinated', 'hallucination_rate',
-           'known_products', 'answer_logps', 'answer_perplexity', 'perplexity', 'Metric', 'register_metric', 'score',
+__all__ = ['FIELDS', 'INVALID', 'TOXIC_TERMS', 'CUE_PAIRS', 'METRICS', 'QUICK_METRICS', 'ANSWER_STOP', 'parse', 'label',
+           'schema_ok', 'Scored', 'field_hits', 'macro_f1', 'completed', 'summary_pairs', 'summary_bleu',
+           'summary_rouge_l', 'toxic_terms', 'toxicity_rate', 'counterfactual_rows', 'flip_rate', 'mentions',
+           'hallucinated', 'hallucination_rate', 'known_products', 'answer_logps', 'answer_perplexity', 'perplexity',
+           'Metric', 'register_metric', 'bootstrap_ci', 'change', 'score', 'row_values', 'fmt_score', 'stage_rows',
            'quick_eval']
 
 # %% ../nbs/02a_metrics.ipynb #d2a62f45
@@ -209,11 +210,12 @@ class Metric:
     key:str                       # its name in metrics.json and in every table
     better:str|None               # "higher", "lower", or None (a count)
     about:str                     # what it measures, in a line
-    compute:Callable|None = None  # `f(s:Scored) -> float|None`; None: a value measured elsewhere, given to `score` as `key=value`
+    compute:Callable|None = None  # `f(s:Scored) -> float|None`; None: the mean of `per_row`, else a value measured elsewhere, given to `score` as `key=value`
+    per_row:Callable|None = None  # `f(s:Scored) -> one 0/1 (or number) per row` when the metric is their mean: it then gets a bootstrap interval
     needs:tuple = ()              # inputs `score` must be given (default: `key` itself when there is no `compute`)
     summary:bool = False          # a column of the pipeline's summary
     plot:bool = False             # a bar of the evaluation's comparison plot (a fraction)
-    def inputs(self) -> tuple: return self.needs or (() if self.compute else (self.key,))
+    def inputs(self) -> tuple: return self.needs or (() if self.compute or self.per_row else (self.key,))
 
 METRICS:dict[str, Metric] = {}
 
@@ -223,10 +225,34 @@ def register_metric(m:Metric) -> Metric:
     METRICS[m.key] = m
     return m
 
+# %% ../nbs/02a_metrics.ipynb #a663bb44
+def bootstrap_ci(values,            # one number per row (0/1 for a share)
+                 reps:int=2000, level:float=0.95, seed:int=0) -> list[float]:
+    "The percentile bootstrap interval of the mean of `values`, as `[low, high]`."
+    import numpy as np
+    v = np.asarray(list(values), dtype=float)
+    if not len(v): return [float("nan"), float("nan")]
+    means = v[np.random.default_rng(seed).integers(0, len(v), (reps, len(v)))].mean(1)
+    lo, hi = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return [round(float(lo), 4), round(float(hi), 4)]
+
+# %% ../nbs/02a_metrics.ipynb #a0d17c63
+def change(before, after,            # per-row values of the same rows, before and after
+           better:str="higher", reps:int=2000, seed:int=0) -> dict:
+    "`after - before` on paired rows with its bootstrap interval, and a verdict: better, worse or no change."
+    before, after = list(before), list(after)
+    if len(before) != len(after): raise FinetuneLabError(f"{len(before)} rows before and {len(after)} after", fix="compare models on the same rows")
+    diff = [a - b for a, b in zip(after, before)]
+    mean, ci = sum(diff) / len(diff), bootstrap_ci(diff, reps, seed=seed)
+    up = (mean > 0) == (better == "higher")
+    verdict = "no change" if ci[0] <= 0 <= ci[1] else ("better" if up else "worse")
+    return {"diff": round(mean, 4), "ci": ci, "verdict": verdict}
+
 # %% ../nbs/02a_metrics.ipynb #dea2a385
 def score(answers:list[str],      # one answer per row
           rows:list[dict],        # rows whose last message is the reference answer
           keys=None,              # the metrics to compute (default: every registered one whose inputs are given)
+          intervals:bool=False,   # add `<key>_ci`, a 95% bootstrap interval, for every metric that is a mean over rows
           **inputs) -> dict:      # further inputs: `counterfactual=(answers_a, answers_b)`, `products=[...]`, measured values
     "The registered metrics of `answers` against `rows`, in registry order."
     unknown = [k for k in keys or () if k not in METRICS]
@@ -234,23 +260,32 @@ def score(answers:list[str],      # one answer per row
     s, out = Scored(answers, rows, **inputs), {}
     for m in METRICS.values():
         if (keys and m.key not in keys) or any(i not in inputs for i in m.inputs()): continue
-        out[m.key] = m.compute(s) if m.compute else inputs[m.key]
+        if m.compute: out[m.key] = m.compute(s)
+        elif m.per_row: out[m.key] = s.share(m.per_row(s))
+        else: out[m.key] = inputs[m.key]
+        if intervals and m.per_row: out[f"{m.key}_ci"] = bootstrap_ci(m.per_row(s))
     return out
 
+# %% ../nbs/02a_metrics.ipynb #8bfec0d5
+def row_values(answers:list[str], rows:list[dict], keys=None, **inputs) -> dict[str, list[float]]:
+    "Per row, each registered metric that is a mean over rows (the input of `change`)."
+    s = Scored(answers, rows, **inputs)
+    return {m.key: [float(v) for v in m.per_row(s)] for m in METRICS.values() if m.per_row and (not keys or m.key in keys)}
+
 # %% ../nbs/02a_metrics.ipynb #cfa78c08
-def _accuracy(field): return lambda s: s.share(field_hits(s, field))
+def _hits(field): return lambda s: field_hits(s, field)
 def _products(s): return s.inputs["products"] if "products" in s.inputs else known_products(s.rows)
 
 for _m in [
     Metric("n", None, "rows scored", lambda s: len(s.rows)),
-    Metric("json_valid", "higher", "answers that parse as one JSON object", lambda s: s.share(p is not None for p in s.preds), summary=True, plot=True),
-    Metric("schema_valid", "higher", "answers that fit the ticket schema", lambda s: s.share(map(schema_ok, s.answers)), plot=True),
-    Metric("category_accuracy", "higher", "answers with the reference category", _accuracy("category"), summary=True, plot=True),
+    Metric("json_valid", "higher", "answers that parse as one JSON object", per_row=lambda s: [p is not None for p in s.preds], summary=True, plot=True),
+    Metric("schema_valid", "higher", "answers that fit the ticket schema", per_row=lambda s: list(map(schema_ok, s.answers)), plot=True),
+    Metric("category_accuracy", "higher", "answers with the reference category", per_row=_hits("category"), summary=True, plot=True),
     Metric("category_macro_f1", "higher", "macro-F1 of the category", lambda s: macro_f1(s, "category"), plot=True),
-    Metric("priority_accuracy", "higher", "answers with the reference priority", _accuracy("priority"), summary=True, plot=True),
+    Metric("priority_accuracy", "higher", "answers with the reference priority", per_row=_hits("priority"), summary=True, plot=True),
     Metric("priority_macro_f1", "higher", "macro-F1 of the priority", lambda s: macro_f1(s, "priority")),
-    Metric("product_accuracy", "higher", "answers with the reference product", _accuracy("product")),
-    Metric("sentiment_accuracy", "higher", "answers with the reference sentiment", _accuracy("sentiment")),
+    Metric("product_accuracy", "higher", "answers with the reference product", per_row=_hits("product")),
+    Metric("sentiment_accuracy", "higher", "answers with the reference sentiment", per_row=_hits("sentiment")),
     Metric("summary_rougeL", "higher", "ROUGE-L F of the summary against the reference", summary_rouge_l, summary=True, plot=True),
     Metric("summary_bleu", "higher", "corpus BLEU of the summaries", summary_bleu),
     Metric("perplexity", "lower", "perplexity of the reference answers after their prompts (`answer_perplexity`)", summary=True),
@@ -262,16 +297,39 @@ for _m in [
            needs=("counterfactual",)),
     Metric("hallucination_rate", "lower", "answers naming a product their ticket never mentions", lambda s: hallucination_rate(s.answers, s.rows, _products(s)),
            summary=True, plot=True),
-    Metric("task_completion", "higher", "valid JSON, every field, the right category", lambda s: s.share(completed(s)), summary=True, plot=True),
+    Metric("task_completion", "higher", "valid JSON, every field, the right category", per_row=completed, summary=True, plot=True),
 ]: register_metric(_m)
+
+# %% ../nbs/02a_metrics.ipynb #e5665dca
+def fmt_score(m:dict, key:str) -> str:
+    "`m[key]` for a table: a share with its interval (`85.9% [81.0, 90.2]`), else three figures."
+    v, ci = m.get(key), m.get(f"{key}_ci")
+    if v is None: return ""
+    return f"{v:.1%} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else f"{v:.3g}"
+
+def stage_rows(models:dict[str, dict],   # stage -> its scores (`score(..., intervals=True)` plus `per_row` from `row_values`)
+               keys,                     # the metrics to show
+               reference:str=None) -> list[dict]:
+    "One row per stage: n, each metric with its 95% interval, and for mean-over-rows metrics the verdict of `change` against `reference`."
+    rows, ref = [], models.get(reference) if reference else None
+    for name, m in models.items():
+        r = {"stage": name, "n": m.get("n"), **{k: fmt_score(m, k) for k in keys}}
+        if ref is not None and name != reference:
+            for k in keys:
+                if k in m.get("per_row", {}) and k in ref.get("per_row", {}):
+                    c = change(ref["per_row"][k], m["per_row"][k], METRICS[k].better)
+                    r[f"{k} vs {reference}"] = f"{c['verdict']} ({100 * c['diff']:+.1f} [{100 * c['ci'][0]:+.1f}, {100 * c['ci'][1]:+.1f}])"
+        rows.append(r)
+    return rows
 
 # %% ../nbs/02a_metrics.ipynb #8bd28512
 QUICK_METRICS = ("n", "json_valid", "schema_valid", "category_accuracy")   # what a training lesson checks after a run
+ANSWER_STOP = ("}",)   # a ticket answer is one flat JSON object: it is complete at its first `}`
 
 def quick_eval(model, tokenizer, rows:list[dict], max_new_tokens:int=96, batch_size:int=16,
                drop_system:bool=False,       # ask without the rows' system prompts (models trained without them)
-               keys=QUICK_METRICS) -> tuple[dict, list[str]]:
+               keys=QUICK_METRICS, stop=ANSWER_STOP) -> tuple[dict, list[str]]:
     "Answer `rows` greedily with `model` and score the answers; returns `(scores, answers)`."
     prompts = [fl_data.prompt_messages(r, drop_system) for r in rows]
-    answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)  # restores padding side
+    answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
     return {k: round(v, 3) for k, v in score(answers, rows, keys).items()}, answers

@@ -230,6 +230,13 @@ def load_model(name:str=DEFAULT_MODEL, # registry name, local folder or hub id
     model = model.to(device=device, dtype=dtype)
     return (model.train() if purpose == "train" else model.eval()), tok
 
+# %% ../nbs/01_models.ipynb #bdc540e2
+def _cut(answer:str, stop) -> str:
+    "`answer` up to and including the first stop string (a batch runs on until every answer has stopped)."
+    for s in stop or ():
+        if s in answer: answer = answer[:answer.index(s) + len(s)]
+    return answer
+
 # %% ../nbs/01_models.ipynb #54a17480
 def _soft_prompt_generate(model, enc, **kw):
     "Generate with a PEFT prompt-tuned `model`: its virtual tokens go in once, as input embeddings; returns only the new tokens."
@@ -252,26 +259,30 @@ def generate(model, tokenizer,
              batch_size:int=8,
              do_sample:bool=False,   # greedy by default: deterministic answers
              system:str=None,        # a system prompt prepended to conversations that have none
+             stop:list[str]=None,    # stop an answer once it ends with one of these strings (e.g. `["}"]`: its JSON object closed)
              **gen_kwargs):          # passed to `model.generate` (temperature, top_p, ...)
-    "Answer each conversation with `model`; returns one string per conversation."
+    "Answer each conversation with `model`, in batches of similar prompt length; returns one string per conversation, in order."
     import torch
     if isinstance(conversations, (str, dict)): raise FinetuneLabError("generate takes a list of conversations", fix="wrap the prompt in a list")
     convos = [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in conversations]
     if system: convos = [c if c and c[0]["role"] == "system" else [{"role": "system", "content": system}, *c] for c in convos]
+    order = sorted(range(len(convos)), key=lambda i: len(str(convos[i])))   # similar lengths together: less padding
     side, tokenizer.padding_side = tokenizer.padding_side, "left"
-    answers = []
+    answers = [None] * len(convos)
+    kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
+    if stop: kw.update(stop_strings=list(stop), tokenizer=tokenizer)
     try:
         batches = range(0, len(convos), batch_size)
         for i in progress(batches, desc="generating", unit="batch", disable=None if len(batches) > 1 else True):
-            enc = tokenizer.apply_chat_template(convos[i:i+batch_size], add_generation_prompt=True, padding=True,
+            idx = order[i:i+batch_size]
+            enc = tokenizer.apply_chat_template([convos[j] for j in idx], add_generation_prompt=True, padding=True,
                                                 return_tensors="pt", return_dict=True).to(model.device)
-            kw = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, pad_token_id=tokenizer.pad_token_id, **gen_kwargs)
             with torch.no_grad():
                 if _is_soft_prompt(model): new = _soft_prompt_generate(model, enc, **kw)
                 else: new = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
-            answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+            for j, a in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)): answers[j] = a
     finally: tokenizer.padding_side = side
-    return [a.strip() for a in answers]
+    return [_cut(a.strip(), stop) for a in answers]
 
 # %% ../nbs/01_models.ipynb #97e11a73
 def check_adapter(path:str|Path # a folder that should hold a PEFT adapter

@@ -54,12 +54,14 @@ PROFILES = {
 }
 
 def lesson_dir(nbs=None) -> Path:
-    "The folder of the lesson notebooks: `nbs`, else `FINETUNE_LAB_NBS`, else `nbs/` next to this package (a clone or an editable install)."
+    "The lesson notebooks: `nbs`, else `FINETUNE_LAB_NBS`, else `nbs/` next to this package (a clone), else the copy a pip install ships."
     import finetune_lab
-    d = Path(nbs or os.environ.get("FINETUNE_LAB_NBS") or Path(finetune_lab.__file__).resolve().parent.parent/"nbs")
+    shipped = Path(sys.prefix)/"share"/"finetune_lab"/"nbs"     # the wheel's data files (with the data in ../data)
+    clone = Path(finetune_lab.__file__).resolve().parent.parent/"nbs"
+    d = Path(nbs or os.environ.get("FINETUNE_LAB_NBS") or (clone if clone.is_dir() else shipped))
     if not all((d/s.notebook).is_file() for s in STEPS.values()):
         raise FinetuneLabError(f"no lesson notebooks in {d} (looked for {', '.join(s.notebook for s in STEPS.values())})",
-                               fix="run from a clone of the repository (pip install -e .), or pass --nbs PATH/TO/nbs")
+                               fix="reinstall finetune-lab (its wheel ships the lessons), or pass --nbs PATH/TO/nbs")
     return d
 
 # %% ../nbs/07_pipeline.ipynb #1afbf4ad
@@ -202,11 +204,14 @@ def summary_table(metrics:dict) -> str:
     lines = ["| step | notebook | minutes | lesson cells skipped |", "|---|---|---|---|"]
     lines += [f"| {s} | {r['notebook']} | {r['seconds'] / 60:.1f} | {r['lesson_cells_skipped']} |" for s, r in metrics["steps"].items()]
     if metrics["models"]:
-        from finetune_lab.metrics import METRICS
+        from finetune_lab.metrics import METRICS, stage_rows
         keys = [k for k, m in METRICS.items() if m.summary]
-        lines += ["", "| stage | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
-        for name, m in metrics["models"].items():
-            lines.append(f"| {name} | " + " | ".join("" if m.get(k) is None else f"{m[k]:.3g}" for k in keys) + " |")
+        sft = next((n for n in metrics["models"] if n.startswith("sft")), None)
+        rows = stage_rows(metrics["models"], keys, reference=sft)
+        cols = list(dict.fromkeys(c for r in rows for c in r))
+        lines += ["", "Shares with their 95% bootstrap interval; against SFT, per ticket: *no change* when the interval of the difference holds 0.", "",
+                  "| " + " | ".join(cols) + " |", "|---" * len(cols) + "|"]
+        lines += ["| " + " | ".join(str(r.get(c, "")) for c in cols) + " |" for r in rows]
     return "\n".join(lines) + "\n"
 
 def check_needs(chosen:list[str], injected:dict[str, dict]):

@@ -14,7 +14,7 @@ from . import data as fl_data
 from .data import DataSettings, drop_constant_system, load_splits
 from .metrics import answer_logps
 from .models import check_adapter, load_tokenizer, prepare_model
-from .train import OfflineSettings, TrainResult, begin, fit, lora_config, save_trained, trainer_args, training_callbacks
+from .train import OfflineSettings, TrainResult, begin, fit, load_base, lora_config, save_trained, trainer_args, training_callbacks
 
 # %% auto #0
 __all__ = ['MISTAKE_FIELDS', 'follow_splits', 'load_preferences', 'pair_summary', 'preference_accuracy', 'mistake_pairs',
@@ -128,9 +128,7 @@ def pairs_dataset(rows:list[dict]):
 # %% ../nbs/04_dpo.ipynb #f4ce4ece
 def dpo_policy(model:str, adapter, s:DPOSettings):
     "The model DPO trains, its PEFT config, and what its reference is."
-    import torch
-    from transformers import AutoModelForCausalLM
-    base = AutoModelForCausalLM.from_pretrained(prepare_model(model), dtype=torch.float32)
+    base = load_base(prepare_model(model), s)   # frozen, in the training precision; the adapter trains in fp32
     if adapter is None: return base, lora_config(s), "the base weights with the adapter disabled"
     from peft import PeftModel
     return PeftModel.from_pretrained(base, str(adapter), is_trainable=True), None, "a frozen copy of the SFT adapter on the same base weights"

@@ -12,7 +12,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 from .core import FinetuneLabError, atomic_path, write_json
 from . import data as fl_data
-from .metrics import label, parse, schema_ok
+from .metrics import ANSWER_STOP, label, parse, schema_ok
 from .models import generate, load_tokenizer, merge_adapter
 from .prefs import begin_pairs, pair_summary, pairs_dataset
 from .train import OfflineSettings, OnlineSettings, TrainResult, begin, fit, lora_config, trainer_args, training_callbacks
@@ -123,7 +123,7 @@ class HeldOutProbe(TrainerCallback):
         self.rm, self.rm_tok, self.max_new_tokens, self.history = reward_model, rm_tokenizer, max_new_tokens, []
     def measure(self, step:int) -> dict:
         was_training = self.policy.training
-        answers = generate(self.policy.eval(), self.tok, [p["prompt"] for p in self.prompts], max_new_tokens=self.max_new_tokens, batch_size=16)
+        answers = generate(self.policy.eval(), self.tok, [p["prompt"] for p in self.prompts], max_new_tokens=self.max_new_tokens, batch_size=16, stop=ANSWER_STOP)
         if was_training: self.policy.train()
         rec = {"step": step, "rule_reward": sum(ticket_reward(answers, [p["category"] for p in self.prompts], [p["priority"] for p in self.prompts])) / len(answers),
                "length": sum(len(self.tok(a, add_special_tokens=False)["input_ids"]) for a in answers) / len(answers)}

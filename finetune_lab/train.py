@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 from transformers import TrainerCallback
-from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtype, precision_kwargs, progress_on, seed_everything, write_json
+from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtype, precision_kwargs, progress_on, seed_everything, train_precision, write_json
 
 # %% auto #0
 __all__ = ['METHODS', 'DONE', 'TrainSettings', 'OfflineSettings', 'OnlineSettings', 'load_base', 'Method', 'register_method',
@@ -59,12 +59,13 @@ class OnlineSettings(TrainSettings):
 
 # %% ../nbs/02b_train.ipynb #b86ec57a
 def load_base(model_path:Path, s:TrainSettings, fp32:bool=False):
-    "The base model to train: fp32 on the CPU or when `fp32` (every weight trains), else in the device's dtype."
+    "The base model to train: fp32 when `fp32` (every weight trains), else frozen in the training precision (`core.train_precision`)."
     import torch
     from transformers import AutoModelForCausalLM
-    device = get_device(s.device)
-    dtype = torch.float32 if fp32 or device == "cpu" else get_dtype(device)
-    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype)
+    device = get_device(s.device); p = train_precision(device)
+    dtype = torch.float32 if fp32 else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p, torch.float32)
+    attn = "eager" if device == "cpu" and p == "bf16" else None   # torch's sdpa runs slower than eager in bf16 on a CPU (measured in 03_sft)
+    return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **({"attn_implementation": attn} if attn else {}))
 
 # %% ../nbs/02b_train.ipynb #75906763
 @dataclass(frozen=True)

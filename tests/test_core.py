@@ -10,10 +10,37 @@ def test_error_is_one_line_with_fix():
     assert e.exit_code == 2
 
 
-def test_cpu_device_and_precision():
+def test_cpu_device_and_precision(monkeypatch):
     assert get_device("cpu") == "cpu"
     assert get_dtype("cpu") == torch.float32
+    monkeypatch.setenv("FINETUNE_LAB_PRECISION", "fp32")
     assert precision_kwargs("cpu") == dict(use_cpu=True, bf16=False, fp16=False)
+    monkeypatch.setenv("FINETUNE_LAB_PRECISION", "bf16")
+    assert precision_kwargs("cpu") == dict(use_cpu=True, bf16=True, fp16=False)
+
+
+def test_cpu_precision_follows_the_measurement(monkeypatch):
+    import finetune_lab.core as core
+    monkeypatch.delenv("FINETUNE_LAB_PRECISION", raising=False)
+    monkeypatch.setattr(core, "cpu_bf16_native", lambda: True)
+    monkeypatch.setattr(core, "bf16_speedup", lambda: 1.2)      # native, but not clearly faster: fp32
+    assert core.train_precision("cpu") == "fp32"
+    monkeypatch.setattr(core, "bf16_speedup", lambda: 4.0)
+    assert core.train_precision("cpu") == "bf16"
+    monkeypatch.setattr(core, "cpu_bf16_native", lambda: False)  # emulated bf16 is never chosen
+    assert core.train_precision("cpu") == "fp32"
+
+
+def test_peft_base_is_stored_in_the_training_precision(monkeypatch):
+    from finetune_lab.models import prepare_model
+    from finetune_lab.train import TrainSettings, load_base
+    path = prepare_model("tiny")
+    monkeypatch.setenv("FINETUNE_LAB_PRECISION", "bf16")
+    frozen, full = load_base(path, TrainSettings(device="cpu")), load_base(path, TrainSettings(device="cpu"), fp32=True)
+    assert frozen.dtype == torch.bfloat16 and frozen.config._attn_implementation == "eager"
+    assert full.dtype == torch.float32                              # weights that train keep fp32 master copies
+    monkeypatch.setenv("FINETUNE_LAB_PRECISION", "fp32")
+    assert load_base(path, TrainSettings(device="cpu")).dtype == torch.float32
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")

@@ -37,11 +37,13 @@ def test_each_method_trains_and_saves_a_standard_folder(method, splits, tmp_path
         from peft import AutoPeftModelForCausalLM
         assert out.name == "adapter" and (out/"adapter_config.json").is_file()
         assert 0 < res.trainable_params < res.total_params / 10
-        m = AutoPeftModelForCausalLM.from_pretrained(out)
+        base = res.model.get_base_model()   # frozen in the training precision (bf16 on a CPU with fast native bf16): reload it so
+        m = AutoPeftModelForCausalLM.from_pretrained(out, dtype=base.dtype, attn_implementation=base.config._attn_implementation)
         tok = load_tokenizer("tiny", "generate")
         enc = tok.apply_chat_template([splits["test"][0]["messages"][:-1]], add_generation_prompt=True, return_tensors="pt", return_dict=True)
         with torch.no_grad(): a, b = m(**enc).logits, res.model(**enc).logits
-        assert torch.allclose(a, b, atol=1e-4)   # the reloaded adapter computes what the trained one did
+        tol = 1e-4 if base.dtype == torch.float32 else 2e-2     # bf16 keeps ~3 significant digits
+        assert torch.allclose(a.float(), b.float(), atol=tol)   # the reloaded adapter computes what the trained one did
 
 
 class KillAt(TrainerCallback):
