@@ -12,8 +12,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'cpu_bf16_native', 'bf16_speedup', 'train_precision',
-           'get_dtype', 'precision_kwargs', 'seed_everything', 'claim_dir', 'atomic_path', 'write_json', 'field_help',
-           'progress_on', 'progress', 'hush_dependency_notices', 'show_figures_as_png']
+           'get_dtype', 'precision_kwargs', 'seed_everything', 'claim_dir', 'atomic_path', 'write_json', 'shown',
+           'field_help', 'progress_on', 'progress', 'hush_dependency_notices', 'show_figures_as_png']
 
 # %% ../nbs/00_core.ipynb #69a66dff
 class FinetuneLabError(Exception):
@@ -147,6 +147,16 @@ def write_json(path:str|Path, # where to write
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, **{"indent": 2, **kwargs}) + "\n")
     return Path(path)
 
+# %% ../nbs/00_core.ipynb #295d6544
+def shown(path:str|Path,        # a file or folder
+          root:str|Path=None    # the folder the reader knows (e.g. the run folder); None: none
+         ) -> str:
+    "`path` relative to `root` when inside it, else with the home folder written `~`."
+    p = Path(path).resolve()
+    for base, prefix in ((root, ""), (Path.home(), "~/")):
+        if base is not None and p.is_relative_to(Path(base).resolve()): return prefix + str(p.relative_to(Path(base).resolve()))
+    return str(p)
+
 # %% ../nbs/00_core.ipynb #5fe0109b
 def field_help(cls # a dataclass
               ) -> dict[str, str]:
@@ -180,7 +190,9 @@ if not progress_on():
     for _var in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS"): os.environ.setdefault(_var, "1")
 
 # %% ../nbs/00_core.ipynb #235f22dd
-DEPENDENCY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`past_key_values`/`cache_params` are deprecated")   # TRL 1.12 calling transformers 5
+DEPENDENCY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`gradient_checkpointing` is deprecated",   # TRL 1.12 calling transformers 5
+                      "`past_key_values`/`cache_params` are deprecated", "Passing `generation_config` together with generation-related")
+_NOTICE_LOGGERS = ("transformers.utils.generic", "transformers.generation.utils")   # where the log-line notices come from
 
 class _DropNotices(logging.Filter):
     def filter(self, record): return not any(n in record.getMessage() for n in DEPENDENCY_NOTICES)
@@ -188,8 +200,9 @@ class _DropNotices(logging.Filter):
 def hush_dependency_notices():
     "Drop the `DEPENDENCY_NOTICES` warnings and log lines, and nothing else."
     for n in DEPENDENCY_NOTICES: warnings.filterwarnings("ignore", message=re.escape(n), category=FutureWarning)
-    log = logging.getLogger("transformers.utils.generic")
-    if not any(isinstance(f, _DropNotices) for f in log.filters): log.addFilter(_DropNotices())
+    for name in _NOTICE_LOGGERS:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _DropNotices) for f in log.filters): log.addFilter(_DropNotices())
 
 hush_dependency_notices()
 

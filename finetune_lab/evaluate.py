@@ -9,7 +9,7 @@ from __future__ import annotations
 import functools, hashlib, json, os, random, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import FinetuneLabError, atomic_path, progress, write_json
+from .core import FinetuneLabError, atomic_path, progress, shown, write_json
 from .data import prompt_messages
 from .metrics import ANSWER_STOP, INVALID, METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, row_values, score
 from .models import MODELS, generate, load_model, load_tokenizer, merge_adapter, prepare_model
@@ -278,7 +278,7 @@ class BlindAB:
         import html
         w = self._widget
         if self.i >= len(self.items):
-            w["prompt"].value = f"<b>Done.</b> {self.recorded} choices saved to <code>{html.escape(str(self.out_path))}</code>."
+            w["prompt"].value = f"<b>Done.</b> {self.recorded} choices saved to <code>{html.escape(shown(self.out_path, self.out_path.parent.parent))}</code>."
             w["a"].value = w["b"].value = ""
             for b in w["buttons"]: b.disabled = True
             return

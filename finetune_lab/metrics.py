@@ -260,10 +260,9 @@ def score(answers:list[str],      # one answer per row
     s, out = Scored(answers, rows, **inputs), {}
     for m in METRICS.values():
         if (keys and m.key not in keys) or any(i not in inputs for i in m.inputs()): continue
-        if m.compute: out[m.key] = m.compute(s)
-        elif m.per_row: out[m.key] = s.share(m.per_row(s))
-        else: out[m.key] = inputs[m.key]
-        if intervals and m.per_row: out[f"{m.key}_ci"] = bootstrap_ci(m.per_row(s))
+        values = m.per_row(s) if m.per_row else None
+        out[m.key] = m.compute(s) if m.compute else s.share(values) if values is not None else inputs[m.key]
+        if intervals and values is not None: out[f"{m.key}_ci"] = bootstrap_ci(values)
     return out
 
 # %% ../nbs/02a_metrics.ipynb #8bfec0d5
@@ -302,7 +301,7 @@ for _m in [
 
 # %% ../nbs/02a_metrics.ipynb #e5665dca
 def fmt_score(m:dict, key:str) -> str:
-    "`m[key]` for a table: a share with its interval (`85.9% [81.0, 90.2]`), else three figures."
+    "`m[key]` for a table: a share in percent with its 95% interval when `m` has one, else three figures."
     v, ci = m.get(key), m.get(f"{key}_ci")
     if v is None: return ""
     return f"{v:.1%} [{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]" if ci else f"{v:.3g}"

@@ -301,13 +301,17 @@ def merge_adapter(name:str,             # the base model: registry name, local f
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     path = prepare_model(name)
     if adapter is not None: check_adapter(adapter)
-    if kind == "seq-cls" and adapter is None:
-        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    def scoring_model():   # its head is new by design: transformers' load report would only say so
+        from transformers.utils import logging as hf_logging
+        level = hf_logging.get_verbosity(); hf_logging.set_verbosity_error()
+        try: return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+        finally: hf_logging.set_verbosity(level)
+    if kind == "seq-cls" and adapter is None: return scoring_model()
     causal = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     if adapter is not None:
         from peft import PeftModel
         causal = PeftModel.from_pretrained(causal, str(adapter)).merge_and_unload()
     if kind == "causal": return causal
-    seq = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32)
+    seq = scoring_model()
     seq.model.load_state_dict(causal.model.state_dict())   # the body's weights are the merged ones; the head is new
     return seq

@@ -40,7 +40,7 @@ class SFTSettings(OfflineSettings):
     method:str = "lora"                   # a registered method (`train.METHODS`): full, lora, ia3, prompt, qlora
     max_steps:int = 140                   # optimizer steps (each sees batch_size × grad_accum rows)
     learning_rate:float = None            # default: the method's (`METHODS[method].lr`)
-    lora_dropout:float = 0.0              # 0: dropout's random masks cost a quarter of a CPU step (measured below)
+    lora_dropout:float = 0.0              # 0: drawing dropout's random masks is slow on a CPU; raise it for long runs that overfit
     eval_steps:int = 35
     weight_decay:float = 0.0              # AdamW weight decay
     prompt_tokens:int = 20                # virtual tokens for prompt tuning

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 from transformers import TrainerCallback
-from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtype, precision_kwargs, progress_on, seed_everything, train_precision, write_json
+from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtype, precision_kwargs, progress_on, seed_everything, shown, train_precision, write_json
 
 # %% auto #0
 __all__ = ['METHODS', 'DONE', 'TrainSettings', 'OfflineSettings', 'OnlineSettings', 'load_base', 'Method', 'register_method',
@@ -64,7 +64,7 @@ def load_base(model_path:Path, s:TrainSettings, fp32:bool=False):
     from transformers import AutoModelForCausalLM
     device = get_device(s.device); p = train_precision(device)
     dtype = torch.float32 if fp32 else {"bf16": torch.bfloat16, "fp16": torch.float16}.get(p, torch.float32)
-    attn = "eager" if device == "cpu" and p == "bf16" else None   # torch's sdpa runs slower than eager in bf16 on a CPU (measured in 03_sft)
+    attn = "eager" if device == "cpu" and p == "bf16" else None   # on a CPU, torch's sdpa kernel is slower than eager attention in bf16
     return AutoModelForCausalLM.from_pretrained(model_path, dtype=dtype, **({"attn_implementation": attn} if attn else {}))
 
 # %% ../nbs/02b_train.ipynb #75906763
@@ -274,6 +274,9 @@ class TrainResult:
     def to_dict(self) -> dict:
         "The saved fields (everything but the live trainer and model)."
         return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in ("trainer", "model")}
+    def report(self, root:str|Path=None) -> dict:
+        "What a lesson prints: the saved fields but the log history, `output` shown relative to `root` (the run folder; see `core.shown`)."
+        return {**{k: v for k, v in self.to_dict().items() if k != "log_history"}, "output": shown(self.output, root)}
 
 # %% ../nbs/02b_train.ipynb #de174a1f
 def fit(trainer,                  # a TRL trainer, set up

@@ -28,6 +28,8 @@ def test_each_method_trains_and_saves_a_standard_folder(method, splits, tmp_path
     res = train_sft("tiny", splits, small(method), tmp_path/method, live_plot=False)
     out = Path(res.output)
     assert res.steps == 2 and res.best_val_loss is not None and res.peak_memory_mb > 0
+    shown = res.report(tmp_path)                        # what a lesson prints: no log history, the path inside the run folder
+    assert shown["output"] == f"{method}/{out.name}" and "log_history" not in shown
     assert (tmp_path/method/"tb").is_dir() and any((tmp_path/method/"tb").iterdir())
     if method == "full":
         assert out.name == "model" and (out/"model.safetensors").is_file()
