@@ -15,7 +15,7 @@ from .models import DEFAULT_MODEL
 # %% auto #0
 __all__ = ['CONVERTERS', 'ARGS', 'VERBS', 'GROUPS', 'Verb', 'field_flag', 'settings_from', 'add_verb_flags', 'parser',
            'do_model_list', 'do_model_prepare', 'do_model_generate', 'do_data_check', 'do_sft', 'do_dpo', 'do_reward',
-           'do_ppo', 'do_grpo', 'do_eval', 'do_run', 'do_docs', 'main']
+           'do_ppo', 'do_grpo', 'do_eval', 'do_bench', 'do_run', 'do_docs', 'main']
 
 # %% ../nbs/08_cli.ipynb #887b2ce2
 @dataclass(frozen=True)
@@ -110,6 +110,8 @@ VERBS = [
          (("data", {"required": False, "help": "held-out rows: a file (every row is scored), or a folder of splits (its test split); default: the test split of data/tickets_raw.jsonl"}),
           ("out", {"help": "folder for metrics.json and the generation cache (default: runs/eval)"}), ("test_rows", {"help": "evaluate only the first N rows (0: all)"}),
           "seed", "device")),
+    Verb("bench", "measure training and generation speed against TRL's defaults (tokens/s, share of the matmul limit, memory)", "do_bench",
+         "finetune_lab.bench:BenchSettings", ("model", ("adapter", {"help": "answer with this adapter for the generation numbers (default: the base model)"}), ("out", {"help": "folder for bench.json and the measurements (default: runs/bench)"}))),
     Verb("run", "the main job: run the lesson notebooks in order with papermill (data, sft, dpo, rlhf, eval)", "do_run",
          args=(("out", {"help": "the run folder (default: runs/pipeline-PROFILE)"}), ("resume", {"help": "continue the run in --out: skip steps finished with the same parameters"}), "overwrite")),
     Verb("docs", "build the static docs site from the notebooks (no Quarto needed)", "do_docs", args=(("out", {"default": "_docs", "help": "the site's folder (replaced; default: _docs)"}),)),
@@ -147,6 +149,8 @@ def _own_args(p:argparse.ArgumentParser, v:Verb):
         p.add_argument("--json", action="store_true", help="print the metrics as JSON")
         p.add_argument("--bias-rows", type=int, default=32, help="rows turned into counterfactual pairs (default: 32)")
         p.add_argument("--probe", help="a text file of paragraphs for general-text perplexity (forgetting)")
+    elif v.name == "bench":
+        p.add_argument("--json", action="store_true", help="print the result as JSON")
     elif v.name == "run":
         from finetune_lab.pipeline import PROFILES, STEPS
         p.add_argument("--profile", choices=list(PROFILES), default="quick", help="sizes: ci (tiny model), quick (bundled model, 2 CPU cores), full (GPU)")
@@ -345,6 +349,18 @@ def do_eval(args):
         with pd.option_context("display.width", 200, "display.max_columns", 30):
             print(table.drop(columns=["generated", "seconds"]).astype(float).round(3).T.to_string())
         print(f"saved: {out/'metrics.json'}")
+
+# %% ../nbs/08_cli.ipynb #c52a119c
+def do_bench(args):
+    "Measure speed and memory; print the table against the targets (or JSON); save <out>/bench.json."
+    from finetune_lab.bench import BenchSettings, bench_table, run_bench
+    from finetune_lab.core import shown
+    from finetune_lab.models import check_adapter
+    if args.adapter: check_adapter(args.adapter)
+    out = Path(args.out or "runs/bench")
+    res = run_bench(args.model, settings_from(args, BenchSettings), out, args.adapter)
+    if args.json: print(json.dumps(res, indent=1))
+    else: print(bench_table(res)); print(f"saved: {shown(out/'bench.json', Path.cwd())}")
 
 # %% ../nbs/08_cli.ipynb #b63d2c9c
 def do_run(args):

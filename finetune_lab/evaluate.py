@@ -9,14 +9,15 @@ from __future__ import annotations
 import functools, hashlib, json, os, random, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import FinetuneLabError, atomic_path, progress, shown, write_json
+from .core import FinetuneLabError, atomic_path, get_device, progress, shown, train_precision, write_json
 from .data import prompt_messages
-from .metrics import ANSWER_STOP, INVALID, METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, row_values, score
+from .metrics import ANSWER_STOP, INVALID, METRICS, QUICK_METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, row_values, score
 from .models import MODELS, generate, load_model, load_tokenizer, merge_adapter, prepare_model
 
 # %% auto #0
-__all__ = ['ModelRef', 'resolve_model', 'load_for_eval', 'fingerprint', 'GenerationCache', 'GenSettings', 'Evaluator',
-           'plot_confusion', 'evaluate_model', 'update_metrics', 'compare', 'plot_compare', 'plot_curves', 'BlindAB']
+__all__ = ['ModelRef', 'resolve_model', 'eval_dtype', 'load_for_eval', 'fingerprint', 'GenerationCache', 'GenSettings',
+           'Evaluator', 'plot_confusion', 'evaluate_model', 'stage_scores', 'update_metrics', 'compare', 'plot_compare',
+           'plot_curves', 'BlindAB']
 
 # %% ../nbs/06_evaluate.ipynb #9e630223
 @dataclass
@@ -61,14 +62,23 @@ def resolve_model(spec:str|Path) -> ModelRef:
     if path.exists(): raise FinetuneLabError(f"{path}: a file, not a model or adapter folder", fix="pass the folder that holds config.json or adapter_config.json")
     raise FinetuneLabError(f"{s}: no such folder, and not a known model name ({', '.join(MODELS)})", fix="pass a model name, a saved model folder or an adapter folder")
 
+def eval_dtype(device:str=None):
+    "The precision answers are generated in: bf16 where `core.train_precision` measured it faster, else fp32."
+    import torch
+    return torch.bfloat16 if train_precision(get_device(device)) == "bf16" else torch.float32
+
 def load_for_eval(ref:ModelRef, device:str=None):
-    "Load the model `ref` names, in eval mode; returns `(model, generation tokenizer)`."
+    "Load the model `ref` names, in eval mode, adapters merged into their base where PEFT can, in `eval_dtype`; returns `(model, generation tokenizer)`."
+    device = get_device(device)
     if ref.kind != "adapter":
-        return load_model(str(ref.path), "generate", device=device)
+        model, tok = load_model(str(ref.path), "generate", device=device)
+        return model.to(eval_dtype(device)), tok
     from peft import PeftModel
     if ref.sft_adapter is not None: base = merge_adapter(str(ref.base), ref.sft_adapter)
     else: base, _ = load_model(str(ref.base), "generate", device=device)
-    return PeftModel.from_pretrained(base, str(ref.path)).eval(), load_tokenizer(str(ref.base), "generate")
+    model = PeftModel.from_pretrained(base, str(ref.path))
+    if model.peft_config["default"].peft_type in ("LORA", "IA3"): model = model.merge_and_unload()   # one matrix per layer: faster decoding
+    return model.to(device=device, dtype=eval_dtype(device)).eval(), load_tokenizer(str(ref.base), "generate")
 
 # %% ../nbs/06_evaluate.ipynb #2c40df49
 _FP = {}
@@ -110,8 +120,9 @@ class GenerationCache:
 class GenSettings:
     "Generation settings for evaluation: greedy, so answers are deterministic."
     max_new_tokens:int = 96             # the longest answer generated
-    batch_size:int = 16                 # prompts answered at once
+    batch_size:int = 32                 # prompts answered at once (`finetune-lab bench` compares batch sizes)
     stop:tuple = ANSWER_STOP            # an answer ends where its JSON object closes
+    start:str = "{"                     # ... and as soon as it cannot be a JSON object (a model that answers in prose stops at once)
 
 class Evaluator:
     "One model under evaluation: loads it only when something is not cached."
@@ -124,15 +135,16 @@ class Evaluator:
         return self._model
     def prompts(self, rows:list[dict]) -> list[list[dict]]:
         return [prompt_messages(r, self.ref.drop_system) for r in rows]
-    def answers(self, rows:list[dict]) -> list[str]:
-        "Each row's answer, from the cache or generated (in batches, cached as they finish)."
+    def answers(self, rows:list[dict], drafts_from:"Evaluator"=None) -> list[str]:
+        "Each row's answer, from the cache or generated (in batches, cached as they finish); `drafts_from`: a close model whose answers are checked first (`generate`'s `drafts`)."
         prompts = self.prompts(rows); s = self.settings
-        keys = [GenerationCache.key("gen", p, s.max_new_tokens, list(s.stop or ())) for p in prompts]
+        keys = [GenerationCache.key("gen", p, s.max_new_tokens, list(s.stop or ()), s.start, str(eval_dtype(self.device))) for p in prompts]
         todo = [i for i, k in enumerate(keys) if self.cache.get(k) is None]
         step = s.batch_size * 4
         for start in progress(range(0, len(todo), step), desc=f"generating ({Path(self.ref.spec).name or self.ref.spec})", unit="batch", disable=not todo):
             idx = todo[start:start + step]
-            outs = generate(self.model, self._tok, [prompts[i] for i in idx], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, stop=s.stop)
+            drafts = drafts_from.answers([rows[i] for i in idx]) if drafts_from is not None else None
+            outs = generate(self.model, self._tok, [prompts[i] for i in idx], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, stop=s.stop, start=s.start, drafts=drafts)
             self.cache.put({keys[i]: o for i, o in zip(idx, outs)}); self.generated += len(idx)
         return [self.cache.get(k) for k in keys]
     def cached_value(self, name:str, parts, compute):
@@ -171,16 +183,24 @@ def plot_confusion(answers_by_model:dict[str, list[str]], rows:list[dict], field
 
 # %% ../nbs/06_evaluate.ipynb #2376444f
 def evaluate_model(spec, rows:list[dict], cache_dir:str|Path, bias_rows:int=32, probe_texts:list[str]=(), products=None,
-                   settings:GenSettings=None, device:str=None) -> tuple[dict, list[str]]:
+                   settings:GenSettings=None, device:str=None,
+                   drafts_from=None) -> tuple[dict, list[str]]:   # a close model (e.g. the SFT model a DPO run started from): its answers are checked first
     "Every registered metric for one model on `rows`; returns `(metrics, answers)`."
     ev = Evaluator(spec, cache_dir, settings, device)
+    dr = Evaluator(drafts_from, cache_dir, settings, device) if drafts_from is not None else None
     start = time.perf_counter()
-    answers = ev.answers(rows)
+    answers = ev.answers(rows, dr)
     a_rows, b_rows = counterfactual_rows(rows[:bias_rows])
-    m = score(answers, rows, counterfactual=(ev.answers(a_rows), ev.answers(b_rows)), products=known_products(rows) if products is None else products,
+    m = score(answers, rows, counterfactual=(ev.answers(a_rows, dr), ev.answers(b_rows, dr)), products=known_products(rows) if products is None else products,
               intervals=True, **ev.perplexities(rows, probe_texts))
     return {**m, "per_row": row_values(answers, rows), "bias_pairs": len(a_rows), "generated": ev.generated,
             "seconds": round(time.perf_counter() - start, 1)}, answers
+
+def stage_scores(spec, rows:list[dict], cache_dir:str|Path, keys=QUICK_METRICS, settings:GenSettings=None, drafts_from=None) -> tuple[dict, list[str]]:
+    "The training lessons' check of one model: `keys` with their 95% intervals, and per-row values; answers from the run's cache, generated only where missing."
+    ev = Evaluator(spec, cache_dir, settings)
+    answers = ev.answers(rows, Evaluator(drafts_from, cache_dir, settings) if drafts_from is not None else None)
+    return {**score(answers, rows, keys, intervals=True), "per_row": row_values(answers, rows, keys), "generated": ev.generated}, answers
 
 # %% ../nbs/06_evaluate.ipynb #59f7ce8b
 def update_metrics(path:str|Path, models:dict[str, dict]) -> Path:
@@ -193,14 +213,17 @@ def update_metrics(path:str|Path, models:dict[str, dict]) -> Path:
 
 def compare(models:dict[str, str],          # stage name -> model name, model folder or adapter folder
             rows:list[dict],                 # held-out rows (SFT format)
-            out_dir:str|Path="runs/eval", bias_rows:int=32, probe_texts:list[str]=(), settings:GenSettings=None, device:str=None):
+            out_dir:str|Path="runs/eval", bias_rows:int=32, probe_texts:list[str]=(), settings:GenSettings=None, device:str=None,
+            cache_dir:str|Path=None,         # where answers are cached (default `<out_dir>/cache`; a run shares one across its steps)
+            drafts_from:str=None):           # a stage whose answers the later stages check first (the SFT stage: DPO and PPO start from it)
     "Evaluate every stage on the same rows; write `<out_dir>/metrics.json`; returns `(table, answers by stage)`."
     import pandas as pd
     refs = {k: resolve_model(v) for k, v in models.items()}     # every path checked before any work starts
     out = Path(out_dir); results, answers = {}, {}
     products = known_products(rows)
     for stage in progress(list(refs), desc="stages", unit="model"):
-        results[stage], answers[stage] = evaluate_model(models[stage], rows, out/"cache", bias_rows, probe_texts, products, settings, device)
+        drafts = models[drafts_from] if drafts_from in answers and stage != drafts_from else None
+        results[stage], answers[stage] = evaluate_model(models[stage], rows, cache_dir or out/"cache", bias_rows, probe_texts, products, settings, device, drafts)
         update_metrics(out/"metrics.json", {stage: results[stage]})
     table = pd.DataFrame(results).T
     return table[[c for c in (*METRICS, "generated", "seconds") if c in table]], answers

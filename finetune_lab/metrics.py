@@ -20,7 +20,7 @@ __all__ = ['FIELDS', 'INVALID', 'TOXIC_TERMS', 'CUE_PAIRS', 'METRICS', 'QUICK_ME
            'summary_rouge_l', 'toxic_terms', 'toxicity_rate', 'counterfactual_rows', 'flip_rate', 'mentions',
            'hallucinated', 'hallucination_rate', 'known_products', 'answer_logps', 'answer_perplexity', 'perplexity',
            'Metric', 'register_metric', 'bootstrap_ci', 'change', 'score', 'row_values', 'fmt_score', 'stage_rows',
-           'quick_eval']
+           'quick_eval', 'brief']
 
 # %% ../nbs/02a_metrics.ipynb #d2a62f45
 FIELDS = ("category", "priority", "product", "sentiment")   # the answer's labelled fields
@@ -154,15 +154,17 @@ def answer_logps(model, tokenizer, prompts:list[list[dict]], answers:list[list[d
         full = tokenizer.apply_chat_template(p + a, tokenize=False)
         if not full.startswith(head): raise FinetuneLabError("the chat template renders the prompt differently inside the conversation", fix="use a model whose template appends turns")
         rows.append((tokenizer(head, add_special_tokens=False)["input_ids"], tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]))
-    model.eval(); out = []
+    model.eval(); out = [None] * len(rows)
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))   # similar lengths together: less padding
     for i in range(0, len(rows), batch_size):
-        chunk = rows[i:i+batch_size]; width = max(len(h) + len(c) for h, c in chunk)
+        idx = order[i:i+batch_size]; chunk = [rows[j] for j in idx]; width = max(len(h) + len(c) for h, c in chunk)
         ids = torch.full((len(chunk), width), tokenizer.pad_token_id); mask = torch.zeros_like(ids); target = torch.zeros_like(ids, dtype=torch.bool)
         for j, (h, c) in enumerate(chunk):
             ids[j, :len(h) + len(c)] = torch.tensor(h + c); mask[j, :len(h) + len(c)] = 1; target[j, len(h):len(h) + len(c)] = True
-        with torch.no_grad(): logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
-        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(model.device))[..., 0]
-        out += (logp * target[:, 1:].to(model.device)).sum(-1).tolist()
+        keep = width - min(len(h) for h, _ in chunk) + 1          # logits only from the last prompt token on: the answers' predictions
+        with torch.no_grad(): logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=keep).logits.float()
+        logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, width - keep + 1:, None].to(model.device))[..., 0]
+        for j, v in zip(idx, (logp * target[:, width - keep + 1:].to(model.device)).sum(-1).tolist()): out[j] = v
     return out
 
 # %% ../nbs/02a_metrics.ipynb #5df561ba
@@ -175,7 +177,9 @@ def _without_virtual_tokens(model):
         device = model.device
         def eval(self): model.eval(); return self
         def __call__(self, **kw):
-            out = model(**kw); out.logits = out.logits[:, n:]; return out
+            out = model(**kw)
+            if not kw.get("logits_to_keep"): out.logits = out.logits[:, n:]   # the last positions kept are the input's own
+            return out
     return View()
 
 def answer_perplexity(model, tokenizer, rows:list[dict], drop_system:bool=False, batch_size:int=8) -> float:
@@ -325,10 +329,14 @@ def stage_rows(models:dict[str, dict],   # stage -> its scores (`score(..., inte
 QUICK_METRICS = ("n", "json_valid", "schema_valid", "category_accuracy")   # what a training lesson checks after a run
 ANSWER_STOP = ("}",)   # a ticket answer is one flat JSON object: it is complete at its first `}`
 
-def quick_eval(model, tokenizer, rows:list[dict], max_new_tokens:int=96, batch_size:int=16,
+def quick_eval(model, tokenizer, rows:list[dict], max_new_tokens:int=96, batch_size:int=32,
                drop_system:bool=False,       # ask without the rows' system prompts (models trained without them)
                keys=QUICK_METRICS, stop=ANSWER_STOP) -> tuple[dict, list[str]]:
     "Answer `rows` greedily with `model` and score the answers; returns `(scores, answers)`."
     prompts = [fl_data.prompt_messages(r, drop_system) for r in rows]
-    answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop)
+    answers = generate(model.eval(), tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size, stop=stop, start="{")
     return {k: round(v, 3) for k, v in score(answers, rows, keys).items()}, answers
+
+def brief(m:dict, keys=QUICK_METRICS) -> str:
+    "One line for a print: n, then each other key of `keys` with its 95% interval."
+    return f"n={m.get('n')}: " + ", ".join(f"{k} {fmt_score(m, k)}" for k in keys if k != "n" and k in m)

@@ -237,6 +237,66 @@ def _cut(answer:str, stop) -> str:
         if s in answer: answer = answer[:answer.index(s) + len(s)]
     return answer
 
+# %% ../nbs/01_models.ipynb #9102069b
+def _wrong_start(tokenizer, prompt_len:int, start:str):
+    "A stopping criterion: a row is done once its answer, stripped, can no longer begin with `start`."
+    import torch
+    from transformers import StoppingCriteria
+    class WrongStart(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kw):
+            heads = tokenizer.batch_decode(input_ids[:, prompt_len:prompt_len + 4], skip_special_tokens=True)
+            bad = [bool(h.strip()) and not h.lstrip().startswith(start) and not start.startswith(h.strip()) for h in heads]
+            return torch.tensor(bad, device=input_ids.device)
+    return WrongStart()
+
+# %% ../nbs/01_models.ipynb #f9156236
+def _check_drafts(model, prompts:list[list[int]], drafts:list[list[int]]) -> list[tuple[int, int]]:
+    "Teacher-force each draft after its prompt in one forward pass; per row `(k, token)`: the first k draft tokens are the model's greedy choices, `token` its choice at k."
+    import torch
+    seqs = [p + d for p, d in zip(prompts, drafts)]; width = max(map(len, seqs)); keep = max(map(len, drafts)) + 1
+    ids = torch.zeros(len(seqs), width, dtype=torch.long); mask = torch.zeros_like(ids)
+    for j, s in enumerate(seqs): ids[j, width - len(s):] = torch.tensor(s); mask[j, width - len(s):] = 1     # left padding, as generate pads
+    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        best = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=pos.to(model.device), logits_to_keep=keep).logits.argmax(-1).cpu()
+    out = []
+    for j, d in enumerate(drafts):
+        guess = best[j, keep - len(d) - 1:].tolist()          # the choice after the prompt, then after each draft token
+        k = next((k for k, t in enumerate(d) if guess[k] != t), len(d))
+        out.append((k, guess[k]))
+    return out
+
+def _wrong_start_at(tokenizer, tokens:list[int], start:str) -> int|None:
+    "The number of tokens after which `_wrong_start` would have stopped an answer beginning with `tokens` (None: it would not have)."
+    for n in range(1, len(tokens) + 1):
+        h = tokenizer.decode(tokens[:min(n, 4)], skip_special_tokens=True)
+        if h.strip() and not h.lstrip().startswith(start) and not start.startswith(h.strip()): return n
+    return None
+
+def _from_drafts(model, tokenizer, enc, drafts:list[str], max_new_tokens:int, stop, start, kw) -> list[str]:
+    "Greedy answers for one left-padded batch `enc`, keeping of each draft the prefix the model itself would write; the rest is generated."
+    import torch
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu())]
+    d_ids = []
+    for d in drafts:
+        t = tokenizer(d, add_special_tokens=False)["input_ids"][:max_new_tokens]
+        closed = len(t) == max_new_tokens or any(d.endswith(s) for s in stop or ())   # a stop string or the length limit ends it; else EOS must
+        d_ids.append(t if closed else t + [eos])
+    texts, rest = [None] * len(drafts), []
+    for j, ((k, tok), d) in enumerate(zip(_check_drafts(model, prompts, d_ids), d_ids)):
+        got = d if k == len(d) else d[:k] + [tok]
+        if start and (n := _wrong_start_at(tokenizer, got, start)) is not None: got = got[:n]; k = len(d)
+        text = tokenizer.decode(got, skip_special_tokens=True)
+        if k == len(d) or tok == eos or len(got) >= max_new_tokens or _cut(text, stop) != text or any(text.endswith(s) for s in stop or ()): texts[j] = text
+        else: rest.append((j, got))
+    if rest:
+        seqs = [prompts[j] + got for j, got in rest]; width = max(map(len, seqs))
+        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs]); mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
+        new = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **{**kw, "max_new_tokens": max_new_tokens - min(len(g) for _, g in rest)})[:, width:]
+        for (j, got), n in zip(rest, new.tolist()): texts[j] = tokenizer.decode((got + n)[:max_new_tokens], skip_special_tokens=True)
+    return texts
+
 # %% ../nbs/01_models.ipynb #54a17480
 def _soft_prompt_generate(model, enc, **kw):
     "Generate with a PEFT prompt-tuned `model`: its virtual tokens go in once, as input embeddings; returns only the new tokens."
@@ -260,6 +320,8 @@ def generate(model, tokenizer,
              do_sample:bool=False,   # greedy by default: deterministic answers
              system:str=None,        # a system prompt prepended to conversations that have none
              stop:list[str]=None,    # stop an answer once it ends with one of these strings (e.g. `["}"]`: its JSON object closed)
+             start:str=None,         # stop an answer as soon as it cannot begin with this text (e.g. `"{"`: it cannot be a JSON object)
+             drafts:list[str]=None,  # a likely answer per conversation (a close model's): the model keeps the prefix it would write itself and generates only the rest
              **gen_kwargs):          # passed to `model.generate` (temperature, top_p, ...)
     "Answer each conversation with `model`, in batches of similar prompt length; returns one string per conversation, in order."
     import torch
@@ -278,8 +340,12 @@ def generate(model, tokenizer,
             enc = tokenizer.apply_chat_template([convos[j] for j in idx], add_generation_prompt=True, padding=True,
                                                 return_tensors="pt", return_dict=True).to(model.device)
             with torch.no_grad():
-                if _is_soft_prompt(model): new = _soft_prompt_generate(model, enc, **kw)
-                else: new = model.generate(**enc, **kw)[:, enc["input_ids"].shape[1]:]
+                soft = _is_soft_prompt(model); plen = 0 if soft else enc["input_ids"].shape[1]   # with inputs_embeds, only new tokens come back
+                if drafts is not None and not soft and not do_sample:
+                    for j, a in zip(idx, _from_drafts(model, tokenizer, enc, [drafts[j] for j in idx], max_new_tokens, stop, start, kw)): answers[j] = a
+                    continue
+                more = {"stopping_criteria": [_wrong_start(tokenizer, plen, start)]} if start else {}
+                new = _soft_prompt_generate(model, enc, **kw, **more) if soft else model.generate(**enc, **kw, **more)[:, plen:]
             for j, a in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)): answers[j] = a
     finally: tokenizer.padding_side = side
     return [_cut(a.strip(), stop) for a in answers]

@@ -39,12 +39,8 @@ PROFILES = {
         "dpo.max_steps": 3, "dpo.eval_rows": 8, "dpo.mistake_rows": 8, "dpo.pair_rows": 16,
         "rlhf.max_steps": 2, "rlhf.reward_steps": 3, "rlhf.eval_rows": 4, "rlhf.pair_rows": 16,
         "eval.eval_rows": 6, "eval.bias_rows": 4}},
-    # the bundled SmolLM2-135M-Instruct, sized so the whole chain fits in 15 minutes on 2 CPU cores
-    "quick": {"lesson_cells": False, "params": {
-        "model_name": "smollm2-135m-instruct", "sft.max_steps": 40, "sft.eval_rows": 8,
-        "dpo.max_steps": 4, "dpo.eval_rows": 8, "dpo.mistake_rows": 24, "dpo.pair_rows": 12,
-        "rlhf.max_steps": 2, "rlhf.reward_steps": 8, "rlhf.eval_rows": 8, "rlhf.pair_rows": 16,
-        "eval.eval_rows": 16, "eval.bias_rows": 4}},
+    # the main job: the lessons' own parameters (their defaults are sized to fit 15 minutes on 2 CPU cores), without the `lesson` cells
+    "quick": {"lesson_cells": False, "params": {"model_name": "smollm2-135m-instruct"}},
     # real sizes for a GPU: every lesson cell, every test ticket
     "full": {"lesson_cells": True, "params": {
         "model_name": "smollm2-135m-instruct", "sft.max_steps": 600, "sft.eval_rows": 205,

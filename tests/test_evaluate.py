@@ -180,3 +180,15 @@ def test_answer_perplexity_is_the_models_own_loss_on_the_answer(prompt_tuned):
     h, a = tok(head, add_special_tokens=False)["input_ids"], tok(full[len(head):], add_special_tokens=False)["input_ids"]
     with torch.no_grad(): loss = model(input_ids=torch.tensor([h + a]), labels=torch.tensor([[-100] * len(h) + a])).loss.item()
     assert M.answer_perplexity(model, tok, [r], drop_system=True) == pytest.approx(math.exp(loss), rel=1e-4)
+
+
+def test_stage_scores_share_the_run_cache_with_evaluation(tiny_runs, tmp_path):
+    lora, _ = tiny_runs
+    rows = [r for r in load_rows(ROOT/"data"/"tickets_raw.jsonl")[:12] if r["messages"][-1]["content"].startswith("{")][:4]
+    s = E.GenSettings(max_new_tokens=8)
+    s1, a1 = E.stage_scores(lora, rows, tmp_path, settings=s)
+    s2, a2 = E.stage_scores(lora, rows, tmp_path, settings=s)
+    assert s1["generated"] == 4 and s2["generated"] == 0 and a1 == a2
+    assert s1["n"] == 4 and len(s1["category_accuracy_ci"]) == 2 and len(s1["per_row"]["category_accuracy"]) == 4
+    m, _ = E.evaluate_model(lora, rows, tmp_path, bias_rows=0, settings=s)       # the evaluation lesson reuses a training lesson's answers
+    assert m["generated"] == 0 and m["category_accuracy"] == s1["category_accuracy"]

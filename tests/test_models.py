@@ -136,3 +136,32 @@ def test_batched_generation_matches_one_by_one():
 def test_generate_rejects_a_bare_string():
     model, tok = load_model("tiny")
     with pytest.raises(FinetuneLabError, match="list"): generate(model, tok, "hi")
+
+
+def lively_tiny():
+    "The tiny model with weights large enough that its greedy answers vary with the prompt (the plain tiny one writes newlines)."
+    model, tok = load_model("tiny")
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters(): p.copy_(torch.randn(p.shape, generator=g) * 0.5)
+    return model, tok
+
+
+def test_generate_start_stops_answers_that_cannot_begin_so():
+    model, tok = lively_tiny()
+    prompts = ["Where is my parcel?", "Refund my order.", "Hi"]
+    full = generate(model, tok, prompts, max_new_tokens=12)
+    cut = generate(model, tok, prompts, max_new_tokens=12, start="{")
+    for a, b in zip(cut, full): assert b.startswith(a) and (a == b or not a.startswith("{"))
+    assert sum(map(len, cut)) < sum(map(len, full))
+
+
+@pytest.mark.parametrize("stop,start", [(None, None), (["}"], None), (["."], "{")])
+def test_drafts_give_the_same_greedy_answers(stop, start):
+    model, tok = lively_tiny()
+    prompts = ["Where is my parcel?", "Refund my order, it broke after two days.", "Hi", "My invoice shows the wrong amount for March."]
+    plain = generate(model, tok, prompts, max_new_tokens=12, stop=stop, start=start)
+    assert all(plain)                                             # real answers to check against
+    assert generate(model, tok, prompts, max_new_tokens=12, stop=stop, start=start, drafts=plain) == plain
+    assert generate(model, tok, prompts, max_new_tokens=12, stop=stop, start=start, drafts=["{}", "hello there", "", plain[3][:5]]) == plain
+    assert generate(model, tok, prompts, max_new_tokens=12, stop=stop, start=start, drafts=[a[:len(a) // 2] + " zebra" for a in plain]) == plain
