@@ -64,7 +64,7 @@ def _trl_default_trainer(model:str, rows:list[dict], out:Path, max_steps:int, se
     from finetune_lab.sft import SFTSettings, to_prompt_completion
     from finetune_lab.train import lora_config
     from finetune_lab.models import load_tokenizer
-    cpu = {k: v for k, v in TRL_CPU_CHANGES.items()} if get_device() == "cpu" else {}
+    cpu = TRL_CPU_CHANGES if get_device() == "cpu" else {}
     args = SFTConfig(output_dir=str(out), max_steps=max_steps, seed=seed, report_to=[], save_strategy="no",   # measurement only: no checkpoints
                      include_num_input_tokens_seen="non_padding", disable_tqdm=True, **cpu)
     return SFTTrainer(model=str(prepare_model(model)), args=args, train_dataset=to_prompt_completion(rows),

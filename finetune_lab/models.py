@@ -238,15 +238,18 @@ def _cut(answer:str, stop) -> str:
     return answer
 
 # %% ../nbs/01_models.ipynb #9102069b
+def _cannot_start(head:str, start:str) -> bool:
+    "Can an answer beginning with `head` no longer begin with `start` (spaces aside)?"
+    return bool(head.strip()) and not head.lstrip().startswith(start) and not start.startswith(head.strip())
+
 def _wrong_start(tokenizer, prompt_len:int, start:str):
-    "A stopping criterion: a row is done once its answer, stripped, can no longer begin with `start`."
+    "A stopping criterion: a row is done once its answer (its first 4 tokens) can no longer begin with `start`."
     import torch
     from transformers import StoppingCriteria
     class WrongStart(StoppingCriteria):
         def __call__(self, input_ids, scores, **kw):
             heads = tokenizer.batch_decode(input_ids[:, prompt_len:prompt_len + 4], skip_special_tokens=True)
-            bad = [bool(h.strip()) and not h.lstrip().startswith(start) and not start.startswith(h.strip()) for h in heads]
-            return torch.tensor(bad, device=input_ids.device)
+            return torch.tensor([_cannot_start(h, start) for h in heads], device=input_ids.device)
     return WrongStart()
 
 # %% ../nbs/01_models.ipynb #f9156236
@@ -268,10 +271,7 @@ def _check_drafts(model, prompts:list[list[int]], drafts:list[list[int]]) -> lis
 
 def _wrong_start_at(tokenizer, tokens:list[int], start:str) -> int|None:
     "The number of tokens after which `_wrong_start` would have stopped an answer beginning with `tokens` (None: it would not have)."
-    for n in range(1, len(tokens) + 1):
-        h = tokenizer.decode(tokens[:min(n, 4)], skip_special_tokens=True)
-        if h.strip() and not h.lstrip().startswith(start) and not start.startswith(h.strip()): return n
-    return None
+    return next((n for n in range(1, len(tokens) + 1) if _cannot_start(tokenizer.decode(tokens[:min(n, 4)], skip_special_tokens=True), start)), None)
 
 def _from_drafts(model, tokenizer, enc, drafts:list[str], max_new_tokens:int, stop, start, kw) -> list[str]:
     "Greedy answers for one left-padded batch `enc`, keeping of each draft the prefix the model itself would write; the rest is generated."

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ast, hashlib, json, logging, os, sys, time
 from dataclasses import dataclass
 from pathlib import Path
-from .core import FinetuneLabError, claim_dir, write_json
+from .core import FinetuneLabError, claim_dir, shown, write_json
 
 # %% auto #0
 __all__ = ['STEPS', 'PROFILES', 'PATH_KEYS', 'Step', 'lesson_dir', 'parse_params', 'declared_parameters', 'own_parameters',
@@ -172,8 +172,8 @@ def run_step(step:str, nbs:Path, run:Path, params:dict, lesson_cells:bool=False,
     except PapermillExecutionError as e:
         number = next((c.metadata["lesson_cell"] for c in nb.cells if c.source == e.source), None)  # its number in the lesson
         where = f"cell {number} (`{_first_line(e.source)}`)" if number else f"cell `{_first_line(e.source)}`"
-        evalue = " ".join(str(e.evalue).split())
-        raise StepFailed(f"step {step!r} failed: {STEPS[step].notebook}, {where}: {e.ename}: {evalue} (the executed notebook: {executed})",
+        evalue = " ".join(str(e.evalue).split()).replace(str(Path.cwd().resolve()) + os.sep, "")   # paths as the user wrote them: from where they ran
+        raise StepFailed(f"step {step!r} failed: {STEPS[step].notebook}, {where}: {e.ename}: {evalue} (the executed notebook: {shown(executed, run)} in the run folder)",
                          2 if e.ename == "FinetuneLabError" else 1) from None
     finally:
         log.removeHandler(handler); handler.close()
@@ -254,5 +254,5 @@ def run_pipeline(profile:str="quick",           # ci, quick or full
     metrics = collect_metrics(run)
     table = summary_table(metrics)
     (run/"summary.md").write_text(f"# finetune-lab run: profile {profile}\n\n{table}", encoding="utf-8")
-    echo(f"\n{len(chosen)} steps in {(time.perf_counter() - start) / 60:.1f} min; run folder {run}\n\n{table}")
+    echo(f"\n{len(chosen)} steps in {(time.perf_counter() - start) / 60:.1f} min; run folder {out_dir or f'runs/pipeline-{profile}'}\n\n{table}")
     return metrics
