@@ -12,7 +12,7 @@ from functools import cached_property
 from typing import Callable
 from .core import FinetuneLabError
 from . import data as fl_data
-from .models import generate
+from .models import contiguous_head, generate
 
 # %% auto #0
 __all__ = ['FIELDS', 'INVALID', 'TOXIC_TERMS', 'CUE_PAIRS', 'METRICS', 'QUICK_METRICS', 'ANSWER_STOP', 'parse', 'label',
@@ -154,7 +154,7 @@ def answer_logps(model, tokenizer, prompts:list[list[dict]], answers:list[list[d
         full = tokenizer.apply_chat_template(p + a, tokenize=False)
         if not full.startswith(head): raise FinetuneLabError("the chat template renders the prompt differently inside the conversation", fix="use a model whose template appends turns")
         rows.append((tokenizer(head, add_special_tokens=False)["input_ids"], tokenizer(full[len(head):], add_special_tokens=False)["input_ids"]))
-    model.eval(); out = [None] * len(rows)
+    contiguous_head(model).eval(); out = [None] * len(rows)
     order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]) + len(rows[i][1]))   # similar lengths together: less padding
     for i in range(0, len(rows), batch_size):
         idx = order[i:i+batch_size]; chunk = [rows[j] for j in idx]; width = max(len(h) + len(c) for h, c in chunk)
@@ -187,7 +187,7 @@ def answer_perplexity(model, tokenizer, rows:list[dict], drop_system:bool=False,
     prompts = [fl_data.prompt_messages(r, drop_system) for r in rows]
     answers = [r["messages"][-1:] for r in rows]
     side, tokenizer.padding_side = tokenizer.padding_side, "right"
-    try: logps = answer_logps(_without_virtual_tokens(model), tokenizer, prompts, answers, batch_size)
+    try: logps = answer_logps(_without_virtual_tokens(contiguous_head(model)), tokenizer, prompts, answers, batch_size)
     finally: tokenizer.padding_side = side
     tokens = 0
     for p, a in zip(prompts, answers):

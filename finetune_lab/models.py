@@ -14,8 +14,8 @@ from .core import FinetuneLabError, atomic_path, get_device, get_dtype, progress
 # %% auto #0
 __all__ = ['MODELS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'MANIFEST', 'TINY_SHAPE', 'ModelSpec', 'cache_dir',
            'bundled_gguf', 'write_manifest', 'folder_problem', 'prepare_tokenizer', 'build_tiny', 'prepare_model',
-           'check_chat_template', 'set_padding', 'load_tokenizer', 'load_model', 'generate', 'check_adapter',
-           'merge_adapter']
+           'check_chat_template', 'set_padding', 'contiguous_head', 'load_tokenizer', 'load_model', 'generate',
+           'check_adapter', 'merge_adapter']
 
 # %% ../nbs/01_models.ipynb #080de2de
 @dataclass(frozen=True)
@@ -202,6 +202,15 @@ def set_padding(tokenizer, purpose:str="generate"):
     tokenizer.padding_side = "right" if purpose == "train" else "left"
     return tokenizer
 
+# %% ../nbs/01_models.ipynb #626c7464
+def contiguous_head(model):
+    "Give `model`'s output layer a contiguous input (see above); the same model back, hooked once."
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if head is not None and not getattr(head, "_fl_contiguous", False):
+        head.register_forward_pre_hook(lambda m, args: (args[0].contiguous(), *args[1:]))
+        head._fl_contiguous = True
+    return model
+
 # %% ../nbs/01_models.ipynb #95cd1942
 def load_tokenizer(name:str=DEFAULT_MODEL, # registry name, local folder or hub id
                    purpose:str="generate"):  # "train" or "generate": sets padding
@@ -228,7 +237,7 @@ def load_model(name:str=DEFAULT_MODEL, # registry name, local folder or hub id
     set_padding(tok, purpose)
     if model.generation_config.pad_token_id is None: model.generation_config.pad_token_id = tok.pad_token_id
     model = model.to(device=device, dtype=dtype)
-    return (model.train() if purpose == "train" else model.eval()), tok
+    return contiguous_head(model.train() if purpose == "train" else model.eval()), tok
 
 # %% ../nbs/01_models.ipynb #bdc540e2
 def _cut(answer:str, stop) -> str:
@@ -326,6 +335,7 @@ def generate(model, tokenizer,
     "Answer each conversation with `model`, in batches of similar prompt length; returns one string per conversation, in order."
     import torch
     if isinstance(conversations, (str, dict)): raise FinetuneLabError("generate takes a list of conversations", fix="wrap the prompt in a list")
+    contiguous_head(model)
     convos = [[{"role": "user", "content": c}] if isinstance(c, str) else list(c) for c in conversations]
     if system: convos = [c if c and c[0]["role"] == "system" else [{"role": "system", "content": system}, *c] for c in convos]
     order = sorted(range(len(convos)), key=lambda i: len(str(convos[i])))   # similar lengths together: less padding

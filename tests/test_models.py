@@ -165,3 +165,15 @@ def test_drafts_give_the_same_greedy_answers(stop, start):
     assert generate(model, tok, prompts, max_new_tokens=12, stop=stop, start=start, drafts=plain) == plain
     assert generate(model, tok, prompts, max_new_tokens=12, stop=stop, start=start, drafts=["{}", "hello there", "", plain[3][:5]]) == plain
     assert generate(model, tok, prompts, max_new_tokens=12, stop=stop, start=start, drafts=[a[:len(a) // 2] + " zebra" for a in plain]) == plain
+
+
+def test_contiguous_head_keeps_logits_and_hooks_once():
+    import torch
+    from finetune_lab.models import build_tiny, contiguous_head
+    model = build_tiny()[0].to(torch.bfloat16).requires_grad_(False).eval()   # frozen bf16: where the slow path was
+    ids = torch.randint(5, 500, (4, 12), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(): before = model(input_ids=ids, logits_to_keep=3).logits
+    contiguous_head(contiguous_head(model))
+    with torch.no_grad(): after = model(input_ids=ids, logits_to_keep=3).logits
+    torch.testing.assert_close(after, before, atol=1e-3, rtol=2e-2)
+    assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
