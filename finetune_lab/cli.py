@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse, importlib, json, sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from .core import FinetuneLabError, field_help
+from .core import FinetuneLabError, field_help, shown
 from .models import DEFAULT_MODEL
 
 # %% auto #0
@@ -200,7 +200,7 @@ def do_model_list(args):
     "Print the model registry: name, size, licence, where it is prepared, what it is."
     from finetune_lab import models
     rows = [(m.name, m.params, m.license,
-             str(models.cache_dir()/"models"/m.name) if m.kind == "gguf" and models.folder_problem(models.cache_dir()/"models"/m.name) is None
+             shown(models.cache_dir()/"models"/m.name) if m.kind == "gguf" and models.folder_problem(models.cache_dir()/"models"/m.name) is None
              else "(built on demand)" if m.kind == "tiny" else "(not prepared)", m.description) for m in models.MODELS.values()]
     w = [max(len(r[i]) for r in rows) for i in range(4)]
     for r in rows: print("  ".join(c.ljust(w[i]) for i, c in enumerate(r[:4])) + "  " + r[4])
