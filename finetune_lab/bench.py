@@ -9,13 +9,12 @@ from __future__ import annotations
 import json, subprocess, sys, time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from .core import FinetuneLabError, atomic_path, cpu_bf16_native, get_device, progress, train_precision, write_json
+from .core import FinetuneLabError, atomic_path, cpu_bf16_native, get_device, matmul_gflops, progress, train_precision, write_json
 from .data import load_rows, load_splits, write_jsonl
 from .models import DEFAULT_MODEL, generate, prepare_model
 
 # %% auto #0
-__all__ = ['TRL_CPU_CHANGES', 'BAR', 'TARGETS', 'BenchSettings', 'matmul_gflops', 'run_job', 'gen_speed', 'run_bench',
-           'bench_table', 'plot_bench']
+__all__ = ['TRL_CPU_CHANGES', 'BAR', 'TARGETS', 'BenchSettings', 'run_job', 'gen_speed', 'run_bench', 'bench_table', 'plot_bench']
 
 # %% ../nbs/06a_bench.ipynb #59d8b52c
 @dataclass
@@ -25,22 +24,9 @@ class BenchSettings:
     steps:int = 8                 # timed optimizer steps per trainer, after `warmup` untimed ones
     warmup:int = 2                # steps before the clock starts (first steps pay for allocation and caching)
     gen_rows:int = 32             # test prompts answered for the generation numbers
-    quality:bool = False          # also time the lab's recipe and TRL's defaults to the quality bar (most of an hour on 2 CPU cores)
+    quality:bool = False          # also time the lab's recipe and TRL's defaults to the quality bar (two full training runs)
     quality_every_s:float = 180   # training seconds between the quality checks on the way there
     seed:int = 42
-
-# %% ../nbs/06a_bench.ipynb #3c4886bb
-def matmul_gflops(dtype:str="bf16", tokens:int=4096, width:int=576, out:int=1536, reps:int=5) -> float:
-    "The best GFLOP/s of one large matrix product at a 135 M model's layer shape in `dtype` (fp32 or bf16): the limit training is measured against."
-    import torch
-    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
-    a, w = torch.randn(tokens, width, dtype=dt), torch.randn(out, width, dtype=dt)
-    torch.nn.functional.linear(a, w)
-    best = min(_timed(lambda: torch.nn.functional.linear(a, w)) for _ in range(reps))
-    return round(2 * tokens * width * out / best / 1e9, 1)
-
-def _timed(f) -> float:
-    t = time.perf_counter(); f(); return time.perf_counter() - t
 
 # %% ../nbs/06a_bench.ipynb #a71a0155
 def _clock():

@@ -11,9 +11,10 @@ from contextlib import contextmanager
 from pathlib import Path
 
 # %% auto #0
-__all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'cpu_bf16_native', 'bf16_speedup', 'train_precision',
-           'get_dtype', 'precision_kwargs', 'seed_everything', 'claim_dir', 'atomic_path', 'write_json', 'shown',
-           'field_help', 'progress_on', 'progress', 'hush_dependency_notices', 'show_figures_as_png']
+__all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'matmul_gflops', 'cpu_bf16_native', 'bf16_speedup',
+           'train_precision', 'get_dtype', 'precision_kwargs', 'seed_everything', 'claim_dir', 'atomic_path',
+           'write_json', 'shown', 'field_help', 'progress_on', 'progress', 'hush_dependency_notices',
+           'show_figures_as_png']
 
 # %% ../nbs/00_core.ipynb #69a66dff
 class FinetuneLabError(Exception):
@@ -44,6 +45,19 @@ def get_device(prefer:str=None # "cuda", "cuda:1", "mps" or "cpu"; default: `FIN
     if torch.backends.mps.is_available(): return "mps"
     return "cpu"
 
+# %% ../nbs/00_core.ipynb #330d77bd
+def matmul_gflops(dtype:str="bf16", tokens:int=4096, width:int=576, out:int=1536, reps:int=5) -> float:
+    "The best GFLOP/s of `reps` matrix products at a 135 M model's layer shape (`tokens` × `width` → `out`) in `dtype` (fp32, bf16 or fp16)."
+    import torch
+    dt = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+    a, w = torch.randn(tokens, width, dtype=dt), torch.randn(out, width, dtype=dt)
+    torch.nn.functional.linear(a, w)   # warm up
+    best = min(_timed(lambda: torch.nn.functional.linear(a, w)) for _ in range(reps))
+    return round(2 * tokens * width * out / best / 1e9, 1)
+
+def _timed(f) -> float:
+    t = time.perf_counter(); f(); return time.perf_counter() - t
+
 # %% ../nbs/00_core.ipynb #b41d4ddf
 def cpu_bf16_native() -> bool:
     "Whether this CPU has native bf16 instructions (AVX512-BF16 or AMX); False where the flags cannot be read."
@@ -54,16 +68,8 @@ def cpu_bf16_native() -> bool:
 # %% ../nbs/00_core.ipynb #920e5c1a
 @functools.lru_cache(None)
 def bf16_speedup(tokens:int=1024, width:int=576, out:int=1536, reps:int=3) -> float:
-    "Measured time of an fp32 matrix product over its bf16 time on this CPU (> 1: bf16 is faster); cached per process."
-    import torch
-    def best(dtype):
-        a, w = torch.randn(tokens, width, dtype=dtype), torch.randn(out, width, dtype=dtype)
-        torch.nn.functional.linear(a, w)   # warm up
-        times = []
-        for _ in range(reps):
-            t = time.perf_counter(); torch.nn.functional.linear(a, w); times.append(time.perf_counter() - t)
-        return min(times)
-    return round(best(torch.float32) / best(torch.bfloat16), 2)
+    "bf16's GFLOP/s over fp32's for one matrix product of that shape on this CPU (> 1: bf16 is faster); cached per process."
+    return round(matmul_gflops("bf16", tokens, width, out, reps) / matmul_gflops("fp32", tokens, width, out, reps), 2)
 
 # %% ../nbs/00_core.ipynb #4d6bd662
 def train_precision(device:str=None # the device training will run on; default: `get_device()`
@@ -191,8 +197,11 @@ if not progress_on():
 
 # %% ../nbs/00_core.ipynb #235f22dd
 DEPENDENCY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`gradient_checkpointing` is deprecated",   # TRL 1.12 calling transformers 5
-                      "`past_key_values`/`cache_params` are deprecated", "Passing `generation_config` together with generation-related")
-_NOTICE_LOGGERS = ("transformers.utils.generic", "transformers.generation.utils")   # where the log-line notices come from
+                      "`past_key_values`/`cache_params` are deprecated", "Passing `generation_config` together with generation-related",
+                      # the Trainer reloading the best checkpoint of a model whose output layer *is* its embedding matrix (SmolLM2's, tied):
+                      # the checkpoint stores that matrix once, and transformers 5 reports the tied copy as missing
+                      "There were missing keys in the checkpoint model loaded: ['lm_head.weight'].")
+_NOTICE_LOGGERS = ("transformers.utils.generic", "transformers.generation.utils", "transformers.trainer")   # where the log-line notices come from
 
 class _DropNotices(logging.Filter):
     def filter(self, record): return not any(n in record.getMessage() for n in DEPENDENCY_NOTICES)

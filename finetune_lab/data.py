@@ -679,7 +679,10 @@ def browse(check:CheckResult, per_page:int=5):
         body.value = "".join(f"<p><b>line {l}</b> <i>{html.escape(d)}</i><br><code>{html.escape(p[:300])}</code><br>"
                              f"<span style='color:#555'>&rarr; {html.escape(a[:200])}</span></p>" for l, d, p, a in rows)
     reason.observe(show, "value"); page.observe(show, "value"); show()
-    return W.VBox([W.HBox([reason, page]), body])
+    n = sum(map(len, by.values()))
+    class Browser(W.VBox):   # what a saved notebook shows outside Jupyter, instead of the widget's repr
+        def __repr__(self): return f"a browser of {n} flagged or quarantined rows under {len(by)} reasons (interactive in Jupyter)"
+    return Browser([W.HBox([reason, page]), body])
 
 # %% ../nbs/02_data.ipynb #b8ae3db4
 def load_splits(data,                            # a `CheckResult`, a dict of row lists, a folder with train/val/test.jsonl, or a raw file

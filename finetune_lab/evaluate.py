@@ -135,16 +135,15 @@ class Evaluator:
         return self._model
     def prompts(self, rows:list[dict]) -> list[list[dict]]:
         return [prompt_messages(r, self.ref.drop_system) for r in rows]
-    def answers(self, rows:list[dict], drafts_from:"Evaluator"=None) -> list[str]:
-        "Each row's answer, from the cache or generated (in batches, cached as they finish); `drafts_from`: a close model whose answers are checked first (`generate`'s `drafts`)."
+    def answers(self, rows:list[dict]) -> list[str]:
+        "Each row's answer, from the cache or generated (in batches, cached as they finish)."
         prompts = self.prompts(rows); s = self.settings
         keys = [GenerationCache.key("gen", p, s.max_new_tokens, list(s.stop or ()), s.start, str(eval_dtype(self.device))) for p in prompts]
         todo = [i for i, k in enumerate(keys) if self.cache.get(k) is None]
         step = s.batch_size * 4
         for start in progress(range(0, len(todo), step), desc=f"generating ({Path(self.ref.spec).name or self.ref.spec})", unit="batch", disable=not todo):
             idx = todo[start:start + step]
-            drafts = drafts_from.answers([rows[i] for i in idx]) if drafts_from is not None else None
-            outs = generate(self.model, self._tok, [prompts[i] for i in idx], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, stop=s.stop, start=s.start, drafts=drafts)
+            outs = generate(self.model, self._tok, [prompts[i] for i in idx], max_new_tokens=s.max_new_tokens, batch_size=s.batch_size, stop=s.stop, start=s.start)
             self.cache.put({keys[i]: o for i, o in zip(idx, outs)}); self.generated += len(idx)
         return [self.cache.get(k) for k in keys]
     def cached_value(self, name:str, parts, compute):
@@ -183,23 +182,21 @@ def plot_confusion(answers_by_model:dict[str, list[str]], rows:list[dict], field
 
 # %% ../nbs/06_evaluate.ipynb #2376444f
 def evaluate_model(spec, rows:list[dict], cache_dir:str|Path, bias_rows:int=32, probe_texts:list[str]=(), products=None,
-                   settings:GenSettings=None, device:str=None,
-                   drafts_from=None) -> tuple[dict, list[str]]:   # a close model (e.g. the SFT model a DPO run started from): its answers are checked first
+                   settings:GenSettings=None, device:str=None) -> tuple[dict, list[str]]:
     "Every registered metric for one model on `rows`; returns `(metrics, answers)`."
     ev = Evaluator(spec, cache_dir, settings, device)
-    dr = Evaluator(drafts_from, cache_dir, settings, device) if drafts_from is not None else None
     start = time.perf_counter()
-    answers = ev.answers(rows, dr)
+    answers = ev.answers(rows)
     a_rows, b_rows = counterfactual_rows(rows[:bias_rows])
-    m = score(answers, rows, counterfactual=(ev.answers(a_rows, dr), ev.answers(b_rows, dr)), products=known_products(rows) if products is None else products,
+    m = score(answers, rows, counterfactual=(ev.answers(a_rows), ev.answers(b_rows)), products=known_products(rows) if products is None else products,
               intervals=True, **ev.perplexities(rows, probe_texts))
     return {**m, "per_row": row_values(answers, rows), "bias_pairs": len(a_rows), "generated": ev.generated,
             "seconds": round(time.perf_counter() - start, 1)}, answers
 
-def stage_scores(spec, rows:list[dict], cache_dir:str|Path, keys=QUICK_METRICS, settings:GenSettings=None, drafts_from=None) -> tuple[dict, list[str]]:
+def stage_scores(spec, rows:list[dict], cache_dir:str|Path, keys=QUICK_METRICS, settings:GenSettings=None) -> tuple[dict, list[str]]:
     "The training lessons' check of one model: `keys` with their 95% intervals, and per-row values; answers from the run's cache, generated only where missing."
     ev = Evaluator(spec, cache_dir, settings)
-    answers = ev.answers(rows, Evaluator(drafts_from, cache_dir, settings) if drafts_from is not None else None)
+    answers = ev.answers(rows)
     return {**score(answers, rows, keys, intervals=True), "per_row": row_values(answers, rows, keys), "generated": ev.generated}, answers
 
 # %% ../nbs/06_evaluate.ipynb #59f7ce8b
@@ -214,16 +211,14 @@ def update_metrics(path:str|Path, models:dict[str, dict]) -> Path:
 def compare(models:dict[str, str],          # stage name -> model name, model folder or adapter folder
             rows:list[dict],                 # held-out rows (SFT format)
             out_dir:str|Path="runs/eval", bias_rows:int=32, probe_texts:list[str]=(), settings:GenSettings=None, device:str=None,
-            cache_dir:str|Path=None,         # where answers are cached (default `<out_dir>/cache`; a run shares one across its steps)
-            drafts_from:str=None):           # a stage whose answers the later stages check first (the SFT stage: DPO and PPO start from it)
+            cache_dir:str|Path=None):        # where answers are cached (default `<out_dir>/cache`; a run shares one across its steps)
     "Evaluate every stage on the same rows; write `<out_dir>/metrics.json`; returns `(table, answers by stage)`."
     import pandas as pd
     refs = {k: resolve_model(v) for k, v in models.items()}     # every path checked before any work starts
     out = Path(out_dir); results, answers = {}, {}
     products = known_products(rows)
     for stage in progress(list(refs), desc="stages", unit="model"):
-        drafts = models[drafts_from] if drafts_from in answers and stage != drafts_from else None
-        results[stage], answers[stage] = evaluate_model(models[stage], rows, cache_dir or out/"cache", bias_rows, probe_texts, products, settings, device, drafts)
+        results[stage], answers[stage] = evaluate_model(models[stage], rows, cache_dir or out/"cache", bias_rows, probe_texts, products, settings, device)
         update_metrics(out/"metrics.json", {stage: results[stage]})
     table = pd.DataFrame(results).T
     return table[[c for c in (*METRICS, "generated", "seconds") if c in table]], answers
@@ -318,6 +313,9 @@ class BlindAB:
             buttons = [W.Button(description=d, button_style=s) for d, s in (("A is better", "success"), ("B is better", "success"), ("skip", ""))]
             for btn, c in zip(buttons, ("A", "B", "skip")): btn.on_click(lambda _, c=c: self.choose(c))
             self._widget = {"prompt": W.HTML(), "a": W.HTML(layout=W.Layout(width="49%")), "b": W.HTML(layout=W.Layout(width="49%")), "buttons": buttons}
-            self._widget["box"] = W.VBox([self._widget["prompt"], W.HBox([self._widget["a"], self._widget["b"]]), W.HBox(buttons)])
+            n, names = len(self.items), (self.name_a, self.name_b)
+            class Box(W.VBox):   # what a saved notebook shows outside Jupyter, instead of the widget's repr
+                def __repr__(self): return f"a blind A/B comparison of {names[0]} and {names[1]} on {n} tickets (interactive in Jupyter)"
+            self._widget["box"] = Box([self._widget["prompt"], W.HBox([self._widget["a"], self._widget["b"]]), W.HBox(buttons)])
             self._render()
         return self._widget["box"]

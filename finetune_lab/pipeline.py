@@ -44,7 +44,7 @@ PROFILES = {
     # real sizes for a GPU: every lesson cell, every test ticket
     "full": {"lesson_cells": True, "params": {
         "model_name": "smollm2-135m-instruct", "sft.max_steps": 600, "sft.eval_rows": 205,
-        "dpo.max_steps": 200, "dpo.eval_rows": 205, "dpo.mistake_rows": 1200,
+        "dpo.eval_rows": 205, "dpo.mistake_rows": 1200,   # DPO keeps 04's 10 steps: longer runs must first show on validation that they keep the task
         "rlhf.max_steps": 100, "rlhf.reward_steps": 200, "rlhf.eval_rows": 64,
         "eval.eval_rows": 205, "eval.bias_rows": 64}},
 }

@@ -12,14 +12,14 @@ from pathlib import Path
 from .core import FinetuneLabError, atomic_path
 from . import data as fl_data
 from .data import DataSettings, drop_constant_system, load_splits
-from .metrics import answer_logps
+from .metrics import answer_logps, bootstrap_ci
 from .models import check_adapter, load_tokenizer, prepare_model
 from .train import OfflineSettings, TrainResult, begin, fit, load_base, lora_config, save_trained, trainer_args, training_callbacks
 
 # %% auto #0
-__all__ = ['MISTAKE_FIELDS', 'follow_splits', 'load_preferences', 'pair_summary', 'preference_accuracy', 'mistake_pairs',
-           'DPOSettings', 'training_pairs', 'begin_pairs', 'pairs_dataset', 'dpo_policy', 'dpo_loss', 'train_dpo',
-           'plot_dpo']
+__all__ = ['MISTAKE_FIELDS', 'follow_splits', 'load_preferences', 'pair_summary', 'fmt_pairs', 'preference_accuracy',
+           'mistake_pairs', 'DPOSettings', 'training_pairs', 'begin_pairs', 'pairs_dataset', 'dpo_policy', 'dpo_loss',
+           'train_dpo', 'plot_dpo']
 
 # %% ../nbs/04_dpo.ipynb #3a796edb
 def _family(row:dict, key:str) -> str|None: return (row.get("meta") or {}).get(key)
@@ -57,14 +57,24 @@ def load_preferences(data,                 # a preference file (any format 02_da
 
 # %% ../nbs/04_dpo.ipynb #ce551cb8
 def pair_summary(pairs:list[dict], chosen:list[float], rejected:list[float], by:str|None="rejection") -> dict:
-    "Share of pairs whose chosen answer scores above the rejected one, overall and by `meta[by]`."
-    wins = [c > r for c, r in zip(chosen, rejected)]
-    res = {"n": len(pairs), "accuracy": round(sum(wins) / len(pairs), 3)}
+    "Share of pairs whose chosen answer scores above the rejected one, with its 95% interval, overall and by `meta[by]` (with each group's n); `per_pair`: 1 for a win, for paired comparisons (`metrics.change`)."
+    wins = [int(c > r) for c, r in zip(chosen, rejected)]
+    res = {"n": len(pairs), "accuracy": round(sum(wins) / len(pairs), 3), "accuracy_ci": bootstrap_ci(wins)}
     if by:
         groups = {}
         for p, w in zip(pairs, wins): groups.setdefault(_family(p, by), []).append(w)
-        res["by_" + by] = {k: round(sum(v) / len(v), 3) for k, v in sorted(groups.items(), key=lambda kv: str(kv[0]))}
-    return res
+        groups = dict(sorted(groups.items(), key=lambda kv: str(kv[0])))
+        res["by_" + by] = {k: round(sum(v) / len(v), 3) for k, v in groups.items()}
+        res[f"by_{by}_n"] = {k: len(v) for k, v in groups.items()}
+    return {**res, "per_pair": wins}
+
+def fmt_pairs(res:dict, by:str="rejection") -> str:
+    "One line for a preference result: the accuracy with its 95% interval and n, each group's accuracy (n), the mean margin."
+    if not res.get("n"): return "no pairs"
+    lo, hi = res["accuracy_ci"]
+    groups = ", ".join(f"{k} {v:.0%} ({res[f'by_{by}_n'][k]})" for k, v in res.get(f"by_{by}", {}).items())
+    return (f"{res['accuracy']:.1%} [{lo:.1%}, {hi:.1%}] of {res['n']} pairs" + (f"; by kind: {groups}" if groups else "")
+            + (f"; mean margin {res['mean_margin']} nats" if "mean_margin" in res else ""))
 
 def preference_accuracy(model, tokenizer, pairs:list[dict], batch_size:int=8, by:str|None="rejection") -> dict:
     "Share of pairs whose chosen answer the model finds more likely than the rejected one (overall and by `meta[by]`)."
@@ -103,8 +113,8 @@ class DPOSettings(OfflineSettings):
     "How to run DPO; the defaults fit a 2-core CPU (LoRA, a few minutes)."
     beta:float = 0.1                      # pull toward the reference: higher stays closer
     loss_type:str = "sigmoid"             # TRL loss: "sigmoid" (the DPO paper), "ipo", "hinge", ...
-    sft_weight:float = 0.0                # weight of an SFT loss on the chosen answers added to DPO's (RPO); 0: plain DPO
-    max_steps:int = 20                    # optimizer steps (measured in 04_dpo: 60 gained preference but lost 8-10 category points)
+    sft_weight:float = 1.0                # weight of an SFT loss on the chosen answers added to DPO's (RPO, what 04_dpo runs); 0: plain DPO
+    max_steps:int = 10                    # optimizer steps (04_dpo's size); judge longer runs on the validation split
     learning_rate:float = 5e-5
 
 def training_pairs(data, like=None, seed:int=42, drop_system:bool=True) -> dict[str, list[dict]]:

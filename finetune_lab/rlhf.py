@@ -12,9 +12,9 @@ from pathlib import Path
 from transformers import TrainerCallback
 from .core import FinetuneLabError, atomic_path, write_json
 from . import data as fl_data
-from .metrics import ANSWER_STOP, label, parse, schema_ok
+from .metrics import ANSWER_STOP, answer_logps, label, parse, schema_ok
 from .models import generate, load_tokenizer, merge_adapter
-from .prefs import begin_pairs, pair_summary, pairs_dataset
+from .prefs import begin_pairs, fmt_pairs, pair_summary, pairs_dataset
 from .train import OfflineSettings, OnlineSettings, TrainResult, begin, fit, lora_config, trainer_args, training_callbacks
 
 # %% auto #0
@@ -124,14 +124,23 @@ class HeldOutProbe(TrainerCallback):
     def measure(self, step:int) -> dict:
         was_training = self.policy.training
         answers = generate(self.policy.eval(), self.tok, [p["prompt"] for p in self.prompts], max_new_tokens=self.max_new_tokens, batch_size=16, stop=ANSWER_STOP)
+        shift = self.logratio(answers)
         if was_training: self.policy.train()
         rec = {"step": step, "rule_reward": sum(ticket_reward(answers, [p["category"] for p in self.prompts], [p["priority"] for p in self.prompts])) / len(answers),
                "length": sum(len(self.tok(a, add_special_tokens=False)["input_ids"]) for a in answers) / len(answers)}
+        if shift is not None: rec["logratio_per_token"] = shift
         if self.rm is not None:
             scores = reward_scores(self.rm, self.rm_tok, [p["prompt"] for p in self.prompts], [[{"role": "assistant", "content": a}] for a in answers])
             rec["rm_score"] = sum(scores) / len(scores)
         self.history.append(rec); self.answers = answers
         return rec
+    def logratio(self, answers:list[str]) -> float|None:
+        "Mean over the probe's answers of log π(answer) − log π_ref(answer) per answer token; π_ref: the policy with its LoRA adapter off (the SFT model)."
+        if not hasattr(self.policy, "disable_adapter"): return None
+        convos, outs = [p["prompt"] for p in self.prompts], [[{"role": "assistant", "content": a}] for a in answers]
+        now = answer_logps(self.policy, self.tok, convos, outs, per_token=True)
+        with self.policy.disable_adapter(): ref = answer_logps(self.policy, self.tok, convos, outs, per_token=True)
+        return sum(a - b for a, b in zip(now, ref)) / len(now)
     def finish(self, step:int) -> list[dict]:
         "Measure at `step` unless the last probe did; returns the whole history."
         if not self.history or self.history[-1]["step"] != step: self.measure(step)
@@ -205,6 +214,7 @@ def train_ppo(model:str, prompts:list[dict], reward_model, config:PPOSettings=No
                         temperature=s.temperature, stop_token="eos", local_rollout_forward_batch_size=s.batch_size, num_sample_generations=0)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=None, reward_model=reward_model,
                          train_dataset=Dataset.from_dict({"input_ids": ids}), value_model=value, peft_config=lora_config(s))
+    trainer.accelerator.print = lambda *a, **kw: None   # its only use in TRL 1.12's PPO loop: a "===training policy===" banner in the output
     return train_online("ppo", trainer, trainer.policy_model, model, out, adapter, device, s, probe_prompts, reward_model)
 
 # %% ../nbs/05_rlhf.ipynb #f675e416

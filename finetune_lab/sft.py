@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from .core import FinetuneLabError, atomic_path, progress, write_json
 from .data import drop_constant_system, load_rows, load_splits, write_jsonl
-from .metrics import quick_eval
+from .metrics import quick_eval, score
 from .models import load_tokenizer, prepare_model
 from .train import METHODS, OfflineSettings, TrainResult, begin, fit, get_method, method_unavailable
 from .train import save_trained, trainer_args, training_callbacks
@@ -45,7 +45,7 @@ class SFTSettings(OfflineSettings):
     weight_decay:float = 0.0              # AdamW weight decay
     prompt_tokens:int = 20                # virtual tokens for prompt tuning
     patience:int|None = 3                 # early stopping after N evaluations without improvement (0 or None: off)
-    group_by_length:bool = True           # batch rows of similar length: ~20% less padding on our tickets
+    group_by_length:bool = True           # batch rows of similar length: less padding (measured in 03_sft)
     def lr(self) -> float: return self.learning_rate or METHODS[self.method].lr
 
 # %% ../nbs/03_sft.ipynb #b883e0c7
@@ -81,7 +81,8 @@ def _run_method(job_path:str):
     cfg = SFTSettings(**job["settings"])
     res = train_sft(job["model"], job["data"], cfg, job["out"], overwrite=True, live_plot=False)
     rows = load_rows(Path(job["data"])/"test.jsonl")[:job["test_rows"]] if job["test_rows"] else []
-    scores, _ = quick_eval(res.model, load_tokenizer(job["model"], "generate"), rows, drop_system=cfg.drop_constant_system) if rows else ({}, [])
+    scores, answers = quick_eval(res.model, load_tokenizer(job["model"], "generate"), rows, drop_system=cfg.drop_constant_system) if rows else ({}, [])
+    if rows: scores["category_accuracy_ci"] = score(answers, rows, ("category_accuracy",), intervals=True)["category_accuracy_ci"]
     write_json(job["result"], {**{k: v for k, v in res.to_dict().items() if k not in ("log_history", "details")}, **scores,
                                "trainable_pct": round(100 * res.trainable_params / res.total_params, 3)})
 

@@ -192,3 +192,15 @@ def test_stage_scores_share_the_run_cache_with_evaluation(tiny_runs, tmp_path):
     assert s1["n"] == 4 and len(s1["category_accuracy_ci"]) == 2 and len(s1["per_row"]["category_accuracy"]) == 4
     m, _ = E.evaluate_model(lora, rows, tmp_path, bias_rows=0, settings=s)       # the evaluation lesson reuses a training lesson's answers
     assert m["generated"] == 0 and m["category_accuracy"] == s1["category_accuracy"]
+
+
+def test_answer_logps_per_token_is_the_sum_over_the_answer_tokens():
+    from finetune_lab.models import build_tiny
+    model, tok = build_tiny(seed=1)
+    prompts = [[{"role": "user", "content": "Where is my invoice?"}], [{"role": "user", "content": "Refund my broken kettle, please."}]]
+    answers = [[{"role": "assistant", "content": '{"category": "billing"}'}], [{"role": "assistant", "content": "Sure."}]]
+    sums, means = M.answer_logps(model, tok, prompts, answers), M.answer_logps(model, tok, prompts, answers, per_token=True)
+    for p, a, s, m in zip(prompts, answers, sums, means):
+        head = tok.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
+        n = len(tok(tok.apply_chat_template(p + a, tokenize=False)[len(head):], add_special_tokens=False)["input_ids"])
+        assert n > 1 and s < 0 and abs(s / n - m) < 1e-4

@@ -104,8 +104,19 @@ def test_mistake_pairs_from_a_models_wrong_answers():
 
 def test_dpo_with_an_sft_loss_adds_it_to_the_loss(pairs, tmp_path):
     "sft_weight adds TRL's 'sft' loss (NLL of the chosen answer): the logged loss grows by it, the DPO margins are still logged."
-    plain = train_dpo("tiny", pairs, DPOSettings(max_steps=1, batch_size=2, eval_steps=1, eval_rows=4), tmp_path/"plain", live_plot=False)
+    plain = train_dpo("tiny", pairs, DPOSettings(max_steps=1, batch_size=2, eval_steps=1, eval_rows=4, sft_weight=0.0), tmp_path/"plain", live_plot=False)
     rpo = train_dpo("tiny", pairs, DPOSettings(max_steps=1, batch_size=2, eval_steps=1, eval_rows=4, sft_weight=1.0), tmp_path/"rpo", live_plot=False)
     ev = lambda r: next(h for h in r.log_history if "eval_loss" in h)
     assert ev(rpo)["eval_loss"] > ev(plain)["eval_loss"] + 1.0        # a random tiny model's NLL is large: log(49k) per token ≈ 10.8
     assert "eval_rewards/margins" in ev(rpo)
+
+
+def test_pair_summary_gives_n_an_interval_and_per_pair_wins():
+    from finetune_lab.prefs import fmt_pairs, pair_summary
+    pairs = [{"meta": {"rejection": k}} for k in ("a", "a", "b", "b")]
+    s = pair_summary(pairs, [1.0, 1.0, 0.0, 2.0], [0.0, 2.0, 1.0, 1.0])
+    assert s["per_pair"] == [1, 0, 0, 1] and s["accuracy"] == 0.5 and s["by_rejection_n"] == {"a": 2, "b": 2}
+    assert s["accuracy_ci"][0] <= 0.5 <= s["accuracy_ci"][1] and s["accuracy_ci"][0] < s["accuracy_ci"][1]
+    line = fmt_pairs(s)
+    assert line.startswith("50.0% [") and "of 4 pairs" in line and "a 50% (2)" in line
+    assert fmt_pairs({"n": 0, "accuracy": float("nan")}) == "no pairs"

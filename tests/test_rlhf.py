@@ -57,6 +57,8 @@ def test_ppo_runs_and_probes(reward_run, prompts, tmp_path):
     res = train_ppo("tiny", train, reward_run.output, PPOSettings(max_steps=2, batch_size=2, max_new_tokens=8, probe_every=1), tmp_path, probe_prompts=probe)
     assert res.steps == 2 and [p["step"] for p in res.details["probe"]] == [0, 1, 2]
     assert any("objective/kl" in h for h in res.log_history)
+    assert abs(res.details["probe"][0]["logratio_per_token"]) < 1e-6      # a fresh LoRA adapter is the reference itself
+    assert all(isinstance(p["logratio_per_token"], float) for p in res.details["probe"])
     assert (Path(res.output)/"adapter_config.json").is_file()
 
 
@@ -64,6 +66,7 @@ def test_grpo_runs_with_the_rule_reward(prompts, tmp_path):
     train, probe = prompts
     res = train_grpo("tiny", train, GRPOSettings(max_steps=2, prompts_per_step=1, num_generations=2, max_new_tokens=8, probe_every=1), tmp_path, probe_prompts=probe)
     assert res.steps == 2 and any("rewards/ticket_reward/mean" in h for h in res.log_history)
+    assert abs(res.details["probe"][0]["logratio_per_token"]) < 1e-6 and "logratio_per_token" in res.details["probe"][-1]
     assert (Path(res.output)/"adapter_config.json").is_file()
 
 
