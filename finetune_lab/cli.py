@@ -15,7 +15,7 @@ from .models import DEFAULT_MODEL
 # %% auto #0
 __all__ = ['CONVERTERS', 'ARGS', 'VERBS', 'GROUPS', 'Verb', 'field_flag', 'settings_from', 'add_verb_flags', 'parser',
            'do_model_list', 'do_model_prepare', 'do_model_generate', 'do_data_check', 'do_sft', 'do_dpo', 'do_reward',
-           'do_ppo', 'do_grpo', 'do_eval', 'do_bench', 'do_run', 'do_docs', 'main']
+           'do_ppo', 'do_grpo', 'do_eval', 'do_bench', 'do_export', 'do_serve', 'do_run', 'do_docs', 'main']
 
 # %% ../nbs/08_cli.ipynb #887b2ce2
 @dataclass(frozen=True)
@@ -112,6 +112,10 @@ VERBS = [
           "seed", "device")),
     Verb("bench", "measure training and generation speed against TRL's defaults (tokens/s, share of the matmul limit, memory)", "do_bench",
          "finetune_lab.bench:BenchSettings", ("model", ("adapter", {"help": "answer with this adapter for the generation numbers (default: the base model)"}), ("out", {"help": "folder for bench.json and the measurements (default: runs/bench)"}))),
+    Verb("export", "merge an adapter into its base; write quantized and GGUF copies (06b_deploy)", "do_export",
+         args=(("out", {"help": "the folder for the merged model and its copies (default: runs/deploy/<name>)"}),)),
+    Verb("serve", "serve a model or adapter behind an OpenAI-compatible API (transformers serve + limits and a response cache)", "do_serve",
+         args=(("out", {"help": "where the merged/quantized model served is prepared (default: runs/serve/<name>)"}),)),
     Verb("run", "the main job: run the lesson notebooks in order with papermill (data, sft, dpo, rlhf, eval)", "do_run",
          args=(("out", {"help": "the run folder (default: runs/pipeline-PROFILE)"}), ("resume", {"help": "continue the run in --out: skip steps finished with the same parameters"}), "overwrite")),
     Verb("docs", "build the static docs site from the notebooks (no Quarto needed)", "do_docs", args=(("out", {"default": "_docs", "help": "the site's folder (replaced; default: _docs)"}),)),
@@ -151,6 +155,18 @@ def _own_args(p:argparse.ArgumentParser, v:Verb):
         p.add_argument("--probe", help="a text file of paragraphs for general-text perplexity (forgetting)")
     elif v.name == "bench":
         p.add_argument("--json", action="store_true", help="print the result as JSON")
+    elif v.name in ("export", "serve"):
+        from finetune_lab.deploy import GGUF_TYPES, QUANT_METHODS
+        p.add_argument("model", metavar="MODEL_OR_ADAPTER", help="an adapter folder (merged into its base first), a model folder or a registry name")
+        p.add_argument("--quantize", choices=QUANT_METHODS[:3], help="also quantize the merged model (torchao int8 weights, or bitsandbytes 8-bit / NF4)")
+        if v.name == "export": p.add_argument("--gguf", default="Q8_0", help=f"GGUF files to write, comma-separated from {', '.join(GGUF_TYPES)} ('' for none; default: Q8_0)")
+        else:
+            p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default: 127.0.0.1, this machine only)")
+            p.add_argument("--port", type=int, default=8000, help="the port (default: 8000)")
+            p.add_argument("--no-cache", action="store_true", help="no response cache (default: greedy, non-streamed requests are cached)")
+            p.add_argument("--continuous-batching", action="store_true", help="transformers serve's continuous batching")
+            p.add_argument("--max-tokens", type=int, default=256, help="the largest max_tokens a request may ask for (default: 256)")
+            p.add_argument("--max-request-bytes", type=int, default=65536, help="the largest request body (default: 65536)")
     elif v.name == "run":
         from finetune_lab.pipeline import PROFILES, STEPS
         p.add_argument("--profile", choices=list(PROFILES), default="quick", help="sizes: ci (tiny model), quick (bundled model, 2 CPU cores), full (GPU)")
@@ -361,6 +377,36 @@ def do_bench(args):
     res = run_bench(args.model, settings_from(args, BenchSettings), out, args.adapter)
     if args.json: print(json.dumps(res, indent=1))
     else: print(bench_table(res)); print(f"saved: {shown(out/'bench.json', Path.cwd())}")
+
+# %% ../nbs/08_cli.ipynb #031b6e69
+def _deploy_out(args, verb:str) -> Path:
+    return Path(args.out or f"runs/{verb}/{Path(args.model).name or args.model}")
+
+def do_export(args):
+    "Merge, quantize and write GGUF files; print each file with its size."
+    from finetune_lab import deploy
+    from finetune_lab.core import shown
+    out = _deploy_out(args, "deploy"); kinds = [k.strip().upper() for k in args.gguf.split(",") if k.strip()]
+    bad = [k for k in kinds if k not in deploy.GGUF_TYPES]
+    if bad: raise FinetuneLabError(f"--gguf {bad[0]}: not a GGUF type the export writes", fix=f"use {', '.join(deploy.GGUF_TYPES)}")
+    made = [deploy.merge_to_folder(args.model, out/"merged")]
+    if args.quantize:
+        try: made.append(deploy.quantized(made[0], args.quantize, out/args.quantize).files[0])
+        except deploy.Skipped as e: raise FinetuneLabError(str(e), fix="choose another --quantize, or none") from None
+    made += [deploy.export_gguf(made[0], out/f"model-{k.lower()}.gguf", k) for k in kinds]
+    for m in made: print(f"{shown(m, Path.cwd())}: {deploy._disk_mb([m])} MB")
+
+def do_serve(args):
+    "Serve the model until Ctrl-C."
+    from finetune_lab import deploy
+    deploy.check_port(args.host, args.port)
+    folder, flags = deploy.prepare_for_serving(args.model, _deploy_out(args, "serve"), args.quantize)
+    with deploy.Server(folder, args.host, args.port, flags, cache=not args.no_cache, continuous_batching=args.continuous_batching,
+                       max_tokens=args.max_tokens, max_request_bytes=args.max_request_bytes) as s:
+        print(f"serving {folder.name} at {s.url}/v1 (OpenAI chat completions; {s.url}/health); Ctrl-C stops", flush=True)
+        while s.thread.is_alive() and s.proc.poll() is None: s.thread.join(1)
+    if s.proc.returncode not in (None, 0, -15): raise FinetuneLabError(f"the model server stopped (exit {s.proc.returncode})", fix="run `transformers serve` on the folder to see why")
+
 
 # %% ../nbs/08_cli.ipynb #b63d2c9c
 def do_run(args):

@@ -200,8 +200,11 @@ DEPENDENCY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`gradient_ch
                       "`past_key_values`/`cache_params` are deprecated", "Passing `generation_config` together with generation-related",
                       # the Trainer reloading the best checkpoint of a model whose output layer *is* its embedding matrix (SmolLM2's, tied):
                       # the checkpoint stores that matrix once, and transformers 5 reports the tied copy as missing
-                      "There were missing keys in the checkpoint model loaded: ['lm_head.weight'].")
-_NOTICE_LOGGERS = ("transformers.utils.generic", "transformers.generation.utils", "transformers.trainer")   # where the log-line notices come from
+                      "There were missing keys in the checkpoint model loaded: ['lm_head.weight'].",
+                      # torchao (installed for the deploy lesson) is imported by peft whenever it is installed: its CUDA
+                      # kernels cannot load on a CPU build, and it registers enums the way torch 2.13 calls deprecated
+                      "/torchao/_C", "is an Enum subclass and is now natively supported by torch.compile")
+_NOTICE_LOGGERS = ("transformers.utils.generic", "transformers.generation.utils", "transformers.trainer", "torchao", "torch.utils._pytree")   # where the log-line notices come from
 
 class _DropNotices(logging.Filter):
     def filter(self, record): return not any(n in record.getMessage() for n in DEPENDENCY_NOTICES)
