@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from .core import FinetuneLabError, atomic_path, write_json
 from .evaluate import resolve_model
-from .models import generate, merge_adapter
+from .models import merge_adapter
 
 # %% auto #0
 __all__ = ['GGUF_TYPES', 'QUANT_METHODS', 'merge_to_folder', 'answers', 'gguf_name', 'rope_pairs', 'export_gguf', 'load_gguf',
@@ -47,9 +47,8 @@ def _load_folder(folder, **kw):
 
 def answers(model, tok, rows:list[dict], drop_system:bool, batch_size:int=16) -> list[str]:
     "Greedy answers to the tickets, as every lesson scores them (a JSON object, cut where it closes)."
-    from finetune_lab.data import prompt_messages
-    from finetune_lab.metrics import ANSWER_STOP
-    return generate(model, tok, [prompt_messages(r, drop_system) for r in rows], max_new_tokens=96, batch_size=batch_size, stop=ANSWER_STOP, start="{")
+    from finetune_lab.metrics import quick_eval
+    return quick_eval(model, tok, rows, batch_size=batch_size, drop_system=drop_system)[1]
 
 # %% ../nbs/06b_deploy.ipynb #2e00a188
 _GGUF_LAYER = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm", "self_attn.q_proj": "attn_q",
@@ -184,29 +183,17 @@ def quantized(merged:str|Path, method:str, out:str|Path=None) -> Variant:
     with atomic_path(out) as tmp: model.save_pretrained(tmp); tok.save_pretrained(tmp)
     return Variant(method, lambda: _load_folder(out, device_map="cpu"), [out])
 
-# %% ../nbs/06b_deploy.ipynb #19cb7fbc
-class _PeakRSS:
-    "The process's peak resident memory above its level at the start, sampled in a thread."
-    def __enter__(self):
-        import psutil
-        self.proc = psutil.Process(); self.base = self.peak = self.proc.memory_info().rss; self.done = threading.Event()
-        def watch():
-            while not self.done.wait(0.05): self.peak = max(self.peak, self.proc.memory_info().rss)
-        self.thread = threading.Thread(target=watch, daemon=True); self.thread.start(); return self
-    def __exit__(self, *exc):
-        self.done.set(); self.thread.join(); self.peak = max(self.peak, self.proc.memory_info().rss)
-    @property
-    def added_mb(self) -> float: return round((self.peak - self.base) / 2**20, 1)
-
 # %% ../nbs/06b_deploy.ipynb #ce900082
 def measure(v:Variant, rows:list[dict], drop_system:bool, latency_rows:int=4, batch_size:int=16) -> dict:
     "Load `v`, answer `rows` (the first `latency_rows` one at a time, then all in batches) and score the answers."
-    import gc
+    import gc, psutil
     from finetune_lab.metrics import QUICK_METRICS, score
+    from finetune_lab.train import PeakMemory
     gc.collect()
     bnb_log = logging.getLogger("bitsandbytes.autograd._functions"); level = bnb_log.level
     bnb_log.setLevel(logging.ERROR)   # bitsandbytes 8-bit logs, at every product, that it casts fp32 inputs to fp16 (said above)
-    with _PeakRSS() as mem:
+    base_mb = psutil.Process().memory_info().rss / 2**20
+    with PeakMemory() as mem:
         t = time.perf_counter(); model, tok = v.load(); load_s = time.perf_counter() - t
         t = time.perf_counter(); one = answers(model, tok, rows[:latency_rows], drop_system, batch_size=1); one_s = time.perf_counter() - t
         t = time.perf_counter(); outs = answers(model, tok, rows, drop_system, batch_size=batch_size); many_s = time.perf_counter() - t
@@ -215,7 +202,7 @@ def measure(v:Variant, rows:list[dict], drop_system:bool, latency_rows:int=4, ba
     del model; gc.collect()
     return {"variant": v.name, "disk_mb": _disk_mb(v.files), "load_s": round(load_s, 2), "latency_s": round(one_s / max(1, len(one)), 2),
             "tokens_per_s_1": round(count(one) / one_s, 1), "tokens_per_s_batched": round(count(outs) / many_s, 1),
-            "memory_added_mb": mem.added_mb, **score(outs, rows, QUICK_METRICS, intervals=True), "answers": outs, "note": v.note}
+            "memory_added_mb": round(mem.peak_mb - base_mb, 1), **score(outs, rows, QUICK_METRICS, intervals=True), "answers": outs, "note": v.note}
 
 # %% ../nbs/06b_deploy.ipynb #b26f1452
 def deploy_table(results:dict[str, dict], reference:str, rows:list[dict]):
