@@ -303,6 +303,7 @@ def front_door(backend:str,               # the URL of the `transformers serve` 
     from starlette.applications import Starlette
     from starlette.responses import JSONResponse, StreamingResponse
     from starlette.routing import Route
+    from starlette.background import BackgroundTask
     client = httpx.AsyncClient(base_url=backend, timeout=httpx.Timeout(600, connect=5))
     async def health(request):
         try: r = await client.get("/health"); return JSONResponse(r.json(), status_code=r.status_code)
@@ -318,7 +319,7 @@ def front_door(backend:str,               # the URL of the `transformers serve` 
         try:
             if req.get("stream"):
                 r = await client.send(client.build_request("POST", "/v1/chat/completions", json=req), stream=True)
-                return StreamingResponse(r.aiter_raw(), status_code=r.status_code, media_type=r.headers.get("content-type"), background=None)
+                return StreamingResponse(r.aiter_raw(), status_code=r.status_code, media_type=r.headers.get("content-type"), background=BackgroundTask(r.aclose))
             r = await client.post("/v1/chat/completions", json=req)
         except httpx.HTTPError as e: return _error(502, f"the model server failed: {type(e).__name__}")
         if r.status_code != 200: return JSONResponse(r.json() if r.headers.get("content-type", "").startswith("application/json") else {"error": {"message": r.text[:300]}}, status_code=r.status_code)
@@ -358,7 +359,8 @@ class Server:
         self.url, inner = f"http://{host}:{port}", _free_port()
         cmd = [sys.executable, "-c", "from transformers.cli.transformers import main; main()", "serve", str(self.folder), "--device", "cpu",
                "--host", "127.0.0.1", "--port", str(inner), "--log-level", "error", *(["--continuous-batching"] if continuous_batching else []), *flags]
-        self.log = open(self.folder.parent/f".serve-{inner}.log", "w+")
+        import tempfile
+        self.log = tempfile.TemporaryFile("w+")   # the server's own output, read back only to say why it stopped; gone when closed
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
         self._wait(f"http://127.0.0.1:{inner}/health", start_timeout)
         self.cache = ResponseCache(self.folder.parent/"serve-cache.sqlite", fingerprint(resolve_model(self.folder))) if cache else None

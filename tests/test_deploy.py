@@ -96,6 +96,16 @@ def test_server_answers_the_openai_client_and_caches(server, merged):
     assert hits == ["hit", "hit"]   # the openai client's request was the same one
 
 
+def test_server_streams_through_the_front_door(server, merged):
+    from openai import OpenAI
+    msgs = [{"role": "user", "content": "Where is my refund?"}]
+    chunks = list(OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert len(chunks) > 2 and text                                  # token by token, not one reply
+    whole = OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0)
+    assert text == whole.choices[0].message.content                   # the same greedy answer either way
+
+
 def test_server_refuses_bad_requests_and_keeps_going(server):
     import httpx
     url = f"{server.url}/v1/chat/completions"
