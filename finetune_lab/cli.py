@@ -6,7 +6,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/cli.html.md"""
 
 # %% ../nbs/08_cli.ipynb #d082b347
 from __future__ import annotations
-import argparse, importlib, json, sys
+import argparse, contextlib, importlib, io, json, os, sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from .core import FinetuneLabError, field_help, shown
@@ -15,7 +15,8 @@ from .models import DEFAULT_MODEL
 # %% auto #0
 __all__ = ['CONVERTERS', 'ARGS', 'VERBS', 'GROUPS', 'Verb', 'field_flag', 'settings_from', 'add_verb_flags', 'parser',
            'do_model_list', 'do_model_prepare', 'do_model_generate', 'do_data_check', 'do_sft', 'do_dpo', 'do_reward',
-           'do_ppo', 'do_grpo', 'do_eval', 'do_bench', 'do_export', 'do_serve', 'do_run', 'do_docs', 'main']
+           'do_ppo', 'do_grpo', 'do_eval', 'do_bench', 'do_export', 'do_serve', 'do_hpo', 'do_cost', 'do_run',
+           'do_docs', 'main']
 
 # %% ../nbs/08_cli.ipynb #887b2ce2
 @dataclass(frozen=True)
@@ -66,9 +67,10 @@ def field_flag(f, help:str, choices=None, flag:str=None) -> tuple[list[str], dic
     if choices: kw["choices"] = choices
     return [flag or "--" + f.name.replace("_", "-")] + (["--lr"] if f.name == "learning_rate" else []), kw
 
-def settings_from(args, cls):
-    "An instance of `cls` from the flags given on the command line (the others keep their defaults)."
-    return cls(**{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)})
+def settings_from(args, cls,
+                  file:dict=None):  # a settings file's fields (`hpo.read_settings`)
+    "An instance of `cls`: the flags given on the command line (unset flags are absent from `args`), then `file`'s fields, then the defaults."
+    return cls(**{**(file or {}), **{f.name: getattr(args, f.name) for f in fields(cls) if hasattr(args, f.name)}})
 
 # %% ../nbs/08_cli.ipynb #64882a2f
 ARGS = {
@@ -116,6 +118,9 @@ VERBS = [
          args=(("out", {"help": "the folder for the merged model and its copies (default: runs/deploy/<name>)"}),)),
     Verb("serve", "serve a model or adapter behind an OpenAI-compatible API (transformers serve + limits and a response cache)", "do_serve",
          args=(("out", {"help": "where the merged/quantized model served is prepared (default: runs/serve/<name>)"}),)),
+    Verb("hpo", "search LoRA SFT settings with optuna: pruned trials in a SQLite study several processes share; writes best_settings.json (06d_hpo)",
+         "do_hpo", args=("data", "model", ("out", {"help": "the study's folder: trials, study.db, best_settings.json (default: runs/hpo)"}), "seed")),
+    Verb("cost", "estimate a fine-tuning run's memory, GPUs, hours and money (GBP) from its size (06e_cost)", "do_cost"),
     Verb("run", "the main job: run the lesson notebooks in order with papermill (data, sft, dpo, rlhf, eval)", "do_run",
          args=(("out", {"help": "the run folder (default: runs/pipeline-PROFILE)"}), ("resume", {"help": "continue the run in --out: skip steps finished with the same parameters"}), "overwrite")),
     Verb("docs", "build the static docs site from the notebooks (no Quarto needed)", "do_docs", args=(("out", {"default": "_docs", "help": "the site's folder (replaced; default: _docs)"}),)),
@@ -167,6 +172,30 @@ def _own_args(p:argparse.ArgumentParser, v:Verb):
             p.add_argument("--continuous-batching", action="store_true", help="transformers serve's continuous batching")
             p.add_argument("--max-tokens", type=int, default=256, help="the largest max_tokens a request may ask for (default: 256)")
             p.add_argument("--max-request-bytes", type=int, default=65536, help="the largest request body (default: 65536)")
+    elif v.name == "sft":
+        p.add_argument("--config", help="a settings file (JSON; e.g. the best_settings.json `finetune-lab hpo` writes); flags given here win over it")
+    elif v.name == "hpo":
+        from finetune_lab.hpo import PRUNERS
+        p.add_argument("--trials", type=int, default=20, help="trials in the study, counting those run before and by other workers (default: 20)")
+        p.add_argument("--steps", type=int, default=40, help="optimizer steps of the longest trial (default: 40)")
+        p.add_argument("--storage", help="the study's database: a SQLite file or a database URL (default: OUT/study.db)")
+        p.add_argument("--study", default="sft", help="the study's name in the storage (default: sft)")
+        p.add_argument("--workers", type=int, default=1, help="processes working on the study at once on this machine (default: 1)")
+        p.add_argument("--timeout", type=float, help="stop starting trials after this many seconds (default: none)")
+        p.add_argument("--pruner", choices=PRUNERS, default="median", help="how bad trials are stopped early (default: median)")
+        p.add_argument("--eval-steps", type=int, default=10, help="validation loss every N steps: where a trial may be pruned (default: 10)")
+        p.add_argument("--eval-rows", type=int, default=32, help="validation rows per report (default: 32)")
+    elif v.name == "cost":
+        p.add_argument("--params", required=True, help="the model's parameters: 7e9, 7B, 135M")
+        p.add_argument("--tokens", required=True, help="training tokens per epoch: 5e6, 5M")
+        p.add_argument("--method", default="lora", help="full, lora or qlora (default: lora)")
+        p.add_argument("--gpu", default="h100", help="the device to rent (default: h100; see 06e_cost's GPUS)")
+        p.add_argument("--spot", action="store_true", help="spot / interruptible prices instead of on-demand")
+        p.add_argument("--json", action="store_true", help="print the estimate as JSON")
+        for flag, kind, what in (("--gpus", int, "devices to use (default: the fewest that hold the run)"), ("--epochs", float, "passes over the tokens (default: 1)"),
+                                 ("--utilisation", float, "share of the datasheet's peak reached (default: 0.35)"), ("--price-per-hour", float, "GBP per device-hour (default: the table's)"),
+                                 ("--batch-size", int, "rows per device per step (default: 4)"), ("--seq-len", int, "tokens per row (default: 1024)"), ("--lora-r", int, "LoRA rank (default: 16)")):
+            p.add_argument(flag, type=kind, help=what)
     elif v.name == "run":
         from finetune_lab.pipeline import PROFILES, STEPS
         p.add_argument("--profile", choices=list(PROFILES), default="quick", help="sizes: ci (tiny model), quick (bundled model, 2 CPU cores), full (GPU)")
@@ -266,7 +295,8 @@ def do_sft(args):
     "Fine-tune a model; print what was measured and where the result is."
     from finetune_lab.sft import SFTSettings, train_sft
     from finetune_lab.train import method_unavailable
-    cfg = settings_from(args, SFTSettings)
+    from finetune_lab.hpo import read_settings
+    cfg = settings_from(args, SFTSettings, read_settings(args.config) if args.config else None)
     if (why := method_unavailable(cfg.method, cfg.device)):
         print(f"skipped {cfg.method}: {why}"); return
     res = train_sft(args.model, args.data, cfg, Path(args.out or Path("runs")/"sft"/cfg.method), resume=args.resume, overwrite=args.overwrite, live_plot=False)
@@ -408,6 +438,36 @@ def do_serve(args):
     if s.proc.returncode not in (None, 0, -15): raise FinetuneLabError(f"the model server stopped (exit {s.proc.returncode})", fix="run `transformers serve` on the folder to see why")
 
 
+# %% ../nbs/08_cli.ipynb #b85c62d7
+def _at_least_1(args, *names):
+    for n in names:
+        if (v := getattr(args, n)) is not None and v <= 0: raise FinetuneLabError(f"--{n.replace('_', '-')} {v}: must be more than 0", fix=f"pass a positive --{n.replace('_', '-')}")
+
+def do_hpo(args):
+    "Run (or join) an optuna study of LoRA SFT settings; print its trials and write the best settings file."
+    from finetune_lab import hpo
+    from finetune_lab.data import load_splits
+    from finetune_lab.sft import SFTSettings
+    _at_least_1(args, "trials", "steps", "workers", "eval_steps", "eval_rows", "timeout")
+    out = Path(args.out or "runs/hpo"); out.mkdir(parents=True, exist_ok=True)
+    storage, base = hpo.storage_url(args.storage or out/"study.db"), SFTSettings(eval_steps=args.eval_steps, eval_rows=args.eval_rows, seed=args.seed)
+    try: hpo.open_study(storage, args.study, args.seed, args.pruner)
+    except Exception as e: raise FinetuneLabError(f"--storage {storage}: {type(e).__name__}: {str(e).splitlines()[0]}", fix="pass a SQLite file or a reachable database URL") from None
+    splits, kw = load_splits(args.data, args.seed), dict(name=args.study, pruner=args.pruner, timeout=args.timeout, seed=args.seed)
+    if args.workers > 1: study = hpo.run_workers(args.workers, storage, args.model, args.data, out, args.trials, args.steps, base, **kw)
+    else: study = hpo.work(storage, args.model, splits, out, args.trials, args.steps, base, **kw)
+    print(hpo.trials_table(study).to_string())
+    if not any(t.state.name == "COMPLETE" for t in study.trials): raise FinetuneLabError("no trial finished", fix="raise --timeout, or run the command again to add trials")
+    path = hpo.save_best(study, out)
+    print(f"best: trial {study.best_trial.number}, validation loss {study.best_value:.4f}; settings in {path} (finetune-lab sft --config {path})")
+
+# %% ../nbs/08_cli.ipynb #77b5da27
+def do_cost(args):
+    "Print the estimate of a fine-tuning run's memory, devices, time and money."
+    from finetune_lab.cost import run_cost_cli
+    kw = {k: getattr(args, k) for k in ("gpus", "epochs", "utilisation", "price_per_hour", "batch_size", "seq_len", "lora_r")}
+    print(run_cost_cli(args.params, args.method, args.tokens, args.gpu, args.spot, args.json, **kw))
+
 # %% ../nbs/08_cli.ipynb #b63d2c9c
 def do_run(args):
     "Run the lesson notebooks as one batch job (see `finetune_lab.pipeline.run_pipeline`)."
@@ -428,9 +488,11 @@ def main(argv:list[str]=None # the arguments (default: `sys.argv[1:]`)
     argv = list(sys.argv[1:] if argv is None else argv)
     try: args = parser(argv).parse_args(argv)
     except SystemExit as e: return e.code or 0   # --help (0), or a usage error already said in one line (2)
-    try: globals()[args.handler](args)
+    quiet = os.environ.get("RANK", "0") != "0"   # under torchrun or accelerate launch, rank 0 speaks for every process
+    try:
+        with contextlib.redirect_stdout(io.StringIO()) if quiet else contextlib.nullcontext(): globals()[args.handler](args)
     except FinetuneLabError as e:
-        print(f"finetune-lab: error: {e}", file=sys.stderr)
+        if not quiet: print(f"finetune-lab: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("finetune-lab: interrupted", file=sys.stderr)

@@ -73,7 +73,7 @@ def parse_params(items:list[str]) -> dict:
     return out
 
 # %% ../nbs/07_pipeline.ipynb #84b8133a
-PATH_KEYS = ("data_path", "prefs_path", "sft_adapter")
+PATH_KEYS = ("data_path", "prefs_path", "sft_adapter", "sft_config")   # parameters that are paths: made absolute (notebooks run in the run folder)
 
 def declared_parameters(notebook:str|Path) -> dict:
     "The parameters a notebook's `parameters` cell declares, with their defaults (as papermill reads them: source text)."

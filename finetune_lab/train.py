@@ -6,7 +6,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/train.html.md"""
 
 # %% ../nbs/02b_train.ipynb #117e9e45
 from __future__ import annotations
-import functools, shutil, threading, time
+import functools, json, os, shutil, tempfile, threading, time
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Callable
@@ -17,7 +17,8 @@ from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtyp
 __all__ = ['METHODS', 'DONE', 'TrainSettings', 'OfflineSettings', 'OnlineSettings', 'load_base', 'Method', 'register_method',
            'lora_config', 'ia3_config', 'prompt_config', 'qlora_unavailable', 'load_4bit', 'method_unavailable',
            'get_method', 'MarkComplete', 'checkpoint_step', 'last_checkpoint', 'LivePlot', 'PeakMemory',
-           'training_callbacks', 'trainer_args', 'begin', 'save_trained', 'TrainResult', 'fit']
+           'training_callbacks', 'trainer_args', 'rank', 'world_size', 'wait_for_everyone', 'weights_digest',
+           'RankDigest', 'resume_point', 'begin', 'save_trained', 'TrainResult', 'fit']
 
 # %% ../nbs/02b_train.ipynb #e3353275
 @dataclass
@@ -151,7 +152,7 @@ class MarkComplete(TrainerCallback):
     "Write a marker into each checkpoint once it is fully saved."
     def on_save(self, args, state, control, **kw):
         ck = Path(args.output_dir)/f"checkpoint-{state.global_step}"
-        if ck.is_dir(): write_json(ck/DONE, {"step": state.global_step})
+        if ck.is_dir() and state.is_world_process_zero: write_json(ck/DONE, {"step": state.global_step})   # one process marks it (06f_distributed)
 
 def checkpoint_step(path:Path|None) -> int:
     "The step a `checkpoint-N` folder was saved at (0 for None)."
@@ -216,7 +217,7 @@ def training_callbacks(out:Path, title:str="", live_plot:bool=True, patience:int
     from torch.utils.tensorboard import SummaryWriter
     from transformers import EarlyStoppingCallback
     from transformers.integrations import TensorBoardCallback
-    cbs = [MarkComplete(), TensorBoardCallback(SummaryWriter(str(Path(out)/"tb"))), *extra]
+    cbs = [MarkComplete(), TensorBoardCallback(SummaryWriter(str(Path(out)/"tb"))), *extra] + ([RankDigest(out)] if world_size() > 1 else [])
     if has_val and patience: cbs.append(EarlyStoppingCallback(early_stopping_patience=patience))
     if live_plot: cbs.append(LivePlot(title))
     return cbs
@@ -229,6 +230,7 @@ def trainer_args(config_cls,               # a TRL config class: SFTConfig, DPOC
     "A `config_cls` built from the settings every trainer shares, then `extra`."
     args = dict(output_dir=str(Path(out)/"checkpoints"), max_steps=s.max_steps, learning_rate=s.lr(), seed=s.seed, data_seed=s.seed,
                 logging_steps=s.logging_steps, report_to=[], activation_checkpointing=s.gradient_checkpointing,  # transformers 5's name for it
+                ddp_find_unused_parameters=False,   # several processes: every trainable weight is used in every step, so DDP need not search
                 disable_tqdm=not progress_on(), **precision_kwargs(device))
     if isinstance(s, OfflineSettings):
         args.update(per_device_train_batch_size=s.batch_size, per_device_eval_batch_size=s.batch_size, gradient_accumulation_steps=s.grad_accum,
@@ -238,13 +240,51 @@ def trainer_args(config_cls,               # a TRL config class: SFTConfig, DPOC
     else: args.update(save_strategy="no")
     return config_cls(**{**args, **extra})
 
+# %% ../nbs/02b_train.ipynb #7218b50e
+def rank() -> int:
+    "This process's place among the processes of one run (`RANK`, set by torchrun and accelerate launch); 0 when alone."
+    return int(os.environ.get("RANK", 0))
+
+def world_size() -> int:
+    "How many processes run this training job (`WORLD_SIZE`); 1 when alone."
+    return int(os.environ.get("WORLD_SIZE", 1))
+
+def wait_for_everyone():
+    "A barrier across the processes of one run (nothing when alone)."
+    if world_size() > 1:
+        from accelerate import PartialState
+        PartialState().wait_for_everyone()
+
+# %% ../nbs/02b_train.ipynb #9b483bed
+def weights_digest(model) -> str:
+    "A short SHA-256 of the model's trainable weights, in name order: equal digests, equal weights."
+    import hashlib
+    h = hashlib.sha256()
+    for _, p in sorted(model.named_parameters(), key=lambda x: x[0]):
+        if p.requires_grad: h.update(p.detach().cpu().float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+class RankDigest(TrainerCallback):
+    "With several processes: each appends `{step, digest}` to `<out>/ranks/rank-N.jsonl` after every optimizer step."
+    def __init__(self, out:Path): self.path = Path(out)/"ranks"/f"rank-{rank()}.jsonl"
+    def on_step_end(self, args, state, control, model=None, **kw):
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with open(self.path, "a") as f: f.write(json.dumps({"step": state.global_step, "digest": weights_digest(model)}) + "\n")
+
+def resume_point(folder:Path) -> Path|None:
+    "`last_checkpoint` of `folder`, looked for by rank 0 first (it moves incomplete ones aside), then by the others."
+    ck = last_checkpoint(folder) if rank() == 0 else None
+    wait_for_everyone()
+    return ck if rank() == 0 else last_checkpoint(folder)
+
 # %% ../nbs/02b_train.ipynb #1f01e99f
 def begin(s:TrainSettings, out_dir:str|Path, resume:bool=False, overwrite:bool=False) -> tuple[str, Path]:
-    "Start a run: its device, its claimed folder (see `claim_dir`), every generator seeded."
+    "Start a run: its device, its claimed folder (see `claim_dir`; with several processes rank 0 claims it, the others wait), every generator seeded."
     device = get_device(s.device)
-    out = claim_dir(out_dir, resume, overwrite)
+    if rank() == 0: claim_dir(out_dir, resume, overwrite)
+    wait_for_everyone()
     seed_everything(s.seed)
-    return device, out
+    return device, Path(out_dir)
 
 # %% ../nbs/02b_train.ipynb #d8d76272
 def save_trained(trainer, tokenizer, folder:Path, drop=()):
@@ -293,13 +333,14 @@ def fit(trainer,                  # a TRL trainer, set up
     "Train, measure time and peak memory, save the result atomically, and record the run."
     from transformers import PrinterCallback
     if not progress_on(): trainer.remove_callback(PrinterCallback)   # bars off: no log dicts printed instead (the live plot shows the loss)
-    ckpt = last_checkpoint(Path(out)/"checkpoints") if resume else None
+    ckpt = resume_point(Path(out)/"checkpoints") if resume else None
     counted = model if model is not None else trainer.model
     start = time.perf_counter()
     with PeakMemory(device) as mem: trainer.train(**({"resume_from_checkpoint": str(ckpt)} if ckpt else {}))   # PPO's train takes no argument
     seconds = time.perf_counter() - start
     trainable, total = sum(p.numel() for p in counted.parameters() if p.requires_grad), sum(p.numel() for p in counted.parameters())
-    with atomic_path(Path(out)/folder) as tmp: kept = save(tmp)
+    with (atomic_path(Path(out)/folder) if rank() == 0 else tempfile.TemporaryDirectory()) as tmp: kept = save(Path(tmp))   # every rank saves (ZeRO-3 gathers); rank 0's is kept
+    wait_for_everyone()
     st = trainer.state
     evals = [(h["step"], h["eval_loss"]) for h in st.log_history if "eval_loss" in h]
     best = min(evals, key=lambda x: x[1]) if evals else (None, None)
@@ -308,5 +349,5 @@ def fit(trainer,                  # a TRL trainer, set up
                       tokens_per_second=round(st.num_input_tokens_seen / seconds, 1) if st.num_input_tokens_seen and seconds else None,
                       peak_memory_mb=round(mem.peak_mb, 1), trainable_params=trainable, total_params=total, best_val_loss=best[1], best_step=best[0],
                       details=details() if details else {}, log_history=st.log_history, trainer=trainer, model=kept if kept is not None else trainer.model)
-    write_json(Path(out)/f"{kind}_result.json", res.to_dict())
+    if rank() == 0: write_json(Path(out)/f"{kind}_result.json", res.to_dict())
     return res
