@@ -8,7 +8,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/recipe.html.md"""
 from __future__ import annotations
 import json, random, re
 from pathlib import Path
-from .data import answer_text, get_label
+from .data import answer_text, get_label, parse_answer
 from .metrics import bootstrap_ci
 
 # %% auto #0
@@ -55,7 +55,7 @@ class FieldWatch(TrainerCallback):
     def __init__(self, tok, rows:list[dict], field:str, choices:list[str]):
         self.tok, self.field, self.choices, self.history = tok, field, list(choices), []
         self.texts = [field_prompt(tok, r, field) for r in rows]
-        self.gold = [json.loads(answer_text(r))[field] for r in rows]
+        self.gold = [get_label(r, field) for r in rows]
     def on_evaluate(self, args, state, control, model=None, **kw):
         picks = next_choice(model, self.tok, self.texts, self.choices)
         self.history.append((state.global_step, sum(p == g for p, g in zip(picks, self.gold)) / len(self.gold)))
@@ -74,9 +74,8 @@ PRIORITY_LAST = ("category", "product", "sentiment", "summary", "priority")   # 
 
 def reorder_answer(row:dict, order=PRIORITY_LAST) -> dict:
     "`row` with its JSON answer's keys in `order` (keys `order` does not name follow, as they were); a row without a JSON object answer is returned as it is."
-    try: a = json.loads(answer_text(row))
-    except json.JSONDecodeError: return row
-    if not isinstance(a, dict): return row
+    a = parse_answer(row)
+    if a is None: return row
     a = {k: a[k] for k in order if k in a} | a
     return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": json.dumps(a, ensure_ascii=False)}]}
 
