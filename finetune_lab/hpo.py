@@ -6,7 +6,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/hpo.html.md"""
 
 # %% ../nbs/06d_hpo.ipynb #e8e90ce5
 from __future__ import annotations
-import json, os, shutil, subprocess, sys, warnings
+import json, os, shutil, subprocess, sys, time, warnings
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 from .core import FinetuneLabError, progress, write_json
@@ -119,6 +119,12 @@ def open_study(storage:str,            # a database URL (`storage_url`) or a SQL
 # %% ../nbs/06d_hpo.ipynb #b85bf593
 COUNTED = ("RUNNING", "COMPLETE", "PRUNED", "FAIL")   # the trials `work` counts: all but those queued and not started
 
+def _queue_taken(study, timeout:float=120):
+    "Wait until `study` has no queued trial left, or `timeout` seconds."
+    import optuna
+    end = time.monotonic() + timeout
+    while time.monotonic() < end and study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,)): time.sleep(0.1)
+
 def work(storage:str, model:str, data, out:str|Path, trials:int, steps:int,
          base:SFTSettings=None,      # settings the search does not set (eval_steps, eval_rows, seed, ...)
          name:str="sft", pruner:str="median", timeout:float|None=None, worker:int=0, seed:int=42):
@@ -127,6 +133,7 @@ def work(storage:str, model:str, data, out:str|Path, trials:int, steps:int,
     from finetune_lab.data import load_splits
     splits, study = load_splits(data, seed), open_study(storage, name, seed, pruner, worker)
     if not study.trials: study.enqueue_trial(default_params(steps))
+    if worker: _queue_taken(study)   # optuna on SQLite cannot lock a queued trial: two workers could both take it, so the others wait for worker 0
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         study.optimize(lambda t: objective(t, model, splits, Path(out), steps, base), timeout=timeout,
@@ -143,7 +150,8 @@ def _work_job(job_path:str):
 def run_workers(workers:int, storage:str, model:str, data, out:str|Path, trials:int, steps:int, base:SFTSettings=None, **kw):
     "Run `work` in `workers` processes at once on one study; returns the study when all have stopped."
     out = Path(out); out.mkdir(parents=True, exist_ok=True)
-    open_study(storage, kw.get("name", "sft"), kw.get("seed", 42), kw.get("pruner", "median"))   # created once, before the workers race to
+    study = open_study(storage, kw.get("name", "sft"), kw.get("seed", 42), kw.get("pruner", "median"))   # created once, before the workers race to
+    if not study.trials: study.enqueue_trial(default_params(steps))   # queued here, taken by worker 0 (see `work`)
     threads = max(1, (os.cpu_count() or 1) // workers)
     procs = []
     for w in range(workers):

@@ -12,10 +12,11 @@ from pathlib import Path
 from .core import FinetuneLabError, atomic_path, get_device, get_dtype, progress, write_json
 
 # %% auto #0
-__all__ = ['MODELS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'MANIFEST', 'TINY_SHAPE', 'ModelSpec', 'cache_dir',
-           'bundled_gguf', 'write_manifest', 'folder_problem', 'prepare_tokenizer', 'build_tiny', 'prepare_model',
-           'check_chat_template', 'set_padding', 'contiguous_head', 'load_tokenizer', 'load_model', 'generate',
-           'check_adapter', 'merge_adapter']
+__all__ = ['MODELS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'MANIFEST', 'TINY_SHAPE', 'LICENCES', 'ModelSpec', 'cache_dir',
+           'bundled_gguf', 'write_manifest', 'folder_problem', 'prepare_tokenizer', 'build_tiny', 'check_decoder_only',
+           'prepare_model', 'check_chat_template', 'set_padding', 'contiguous_head', 'load_tokenizer', 'load_model',
+           'generate', 'check_adapter', 'merge_adapter', 'Licence', 'card_licence', 'model_licence', 'check_licence',
+           'model_facts']
 
 # %% ../nbs/01_models.ipynb #080de2de
 @dataclass(frozen=True)
@@ -135,6 +136,16 @@ def build_tiny(seed:int=0 # the same seed gives the same weights
     model.generation_config.pad_token_id = tok.pad_token_id
     return model.eval(), tok
 
+# %% ../nbs/01_models.ipynb #5b2a48ff
+def check_decoder_only(folder:Path # a model folder with config.json
+                      ) -> Path:
+    "`folder`, if its config describes a decoder-only model; an encoder-decoder one is refused."
+    cfg = json.loads((Path(folder)/"config.json").read_text() or "{}")
+    if cfg.get("is_encoder_decoder"):
+        raise FinetuneLabError(f"{folder} holds an encoder-decoder model ({cfg.get('model_type', 'unknown type')}); "
+                               "the lab's trainers fine-tune decoder-only causal LMs", fix="choose a decoder-only model (Llama, Qwen, SmolLM, Gemma, ...)")
+    return Path(folder)
+
 # %% ../nbs/01_models.ipynb #f06f6585
 def _hub_reachable(timeout:float=3.0) -> bool:
     from urllib.parse import urlparse
@@ -150,7 +161,7 @@ def _from_hub(repo_id:str) -> Path:
     if os.environ.get("HF_HUB_OFFLINE") == "1" or not _hub_reachable():
         raise FinetuneLabError(f"model {repo_id!r} is not cached and the Hugging Face Hub cannot be reached (no network)",
                                fix="use a bundled name (`finetune-lab model list`) or a local model folder")
-    try: return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"]))
+    try: return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja", "README.md"]))
     except Exception as e:
         raise FinetuneLabError(f"could not download {repo_id!r} from the Hugging Face Hub: {type(e).__name__}: {e}",
                                fix="check the model id, and log in with `hf auth login` for gated models") from None
@@ -171,8 +182,8 @@ def prepare_model(name:str=DEFAULT_MODEL, # registry name, local folder or hub i
         if not (path/"config.json").is_file():
             raise FinetuneLabError(f"{path} has no config.json, so it is not a Hugging Face model folder",
                                    fix="point at the folder that holds config.json and the weights")
-        return path.resolve()
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")): return _from_hub(name)
+        return check_decoder_only(path).resolve()
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")): return check_decoder_only(_from_hub(name))
     raise FinetuneLabError(f"unknown model {name!r}: not a registry name, a local folder or a hub id",
                            fix=f"use one of {', '.join(MODELS)}, a folder with config.json, or an id like org/name")
 
@@ -342,3 +353,84 @@ def merge_adapter(name:str,             # the base model: registry name, local f
     seq = scoring_model()
     seq.model.load_state_dict(causal.model.state_dict())   # the body's weights are the merged ones; the head is new
     return seq
+
+# %% ../nbs/01_models.ipynb #d22345f9
+LICENCES = {  # licence id, as model cards write it -> (commercial use: yes / with conditions / no, what to know)
+    "apache-2.0": ("yes", "permissive: keep the licence and notice with what you ship"),
+    "mit": ("yes", "permissive: keep the copyright notice"),
+    "bsd-3-clause": ("yes", "permissive: keep the copyright notice"),
+    "cc-by-4.0": ("yes", "credit the authors"),
+    "gemma": ("with conditions", "Gemma terms: Google's prohibited-use policy binds you and your users"),
+    **{l: ("with conditions", "Llama community licence: a separate licence above 700 M monthly users; acceptable-use policy")
+       for l in ("llama2", "llama3", "llama3.1", "llama3.2", "llama3.3", "llama4")},
+    "openrail": ("with conditions", "OpenRAIL: use restrictions that pass on to your users"),
+    **{l: ("no", "non-commercial use only") for l in ("cc-by-nc-4.0", "cc-by-nc-sa-4.0", "cc-by-nc-nd-4.0")},
+}
+
+# %% ../nbs/01_models.ipynb #ccc4aa73
+@dataclass(frozen=True)
+class Licence:
+    "What a base model's licence lets you do with a model fine-tuned from it."
+    model:str         # the name as given
+    id:str|None       # the licence id (None: none recorded)
+    commercial:str    # "yes", "with conditions", "no" or "unknown"
+    note:str          # what to know
+    source:str        # where the id was read: "registry" or "model card"
+    def line(self) -> str: return f"{self.model}: licence {self.id or 'not recorded'} (commercial use: {self.commercial}; {self.note})"
+
+# %% ../nbs/01_models.ipynb #38238ae3
+def card_licence(folder:Path # a model folder
+                ) -> str|None:
+    "The `license` field of the model card (`README.md`'s YAML header) in `folder`, lower-cased; None if there is none."
+    from huggingface_hub.repocard import metadata_load
+    card = Path(folder)/"README.md"
+    try: meta = metadata_load(card) if card.is_file() else None
+    except Exception: meta = None   # a header that is not YAML: no licence recorded
+    lic = (meta or {}).get("license")
+    return str(lic).lower() if lic else None
+
+def model_licence(name:str # registry name, local folder or hub id
+                 ) -> Licence:
+    "The licence of `name`: the registry's entry, or the model card of its folder."
+    spec = MODELS.get(name)
+    lid, source = (spec.license.lower(), "registry") if spec else (card_licence(prepare_model(name)), "model card")
+    commercial, note = LICENCES.get(lid, ("unknown", "a licence this lab does not know: read it before you ship" if lid
+                                          else "no licence found: ask the authors before you ship"))
+    return Licence(name, lid, commercial, note, source)
+
+# %% ../nbs/01_models.ipynb #81f014d7
+def check_licence(name:str # registry name, local folder or hub id
+                 ) -> Licence:
+    "`model_licence(name)`, said in one line unless commercial use is cleared; refused when `FINETUNE_LAB_COMMERCIAL_ONLY=1` and it is not allowed."
+    lic = model_licence(name)
+    if os.environ.get("FINETUNE_LAB_COMMERCIAL_ONLY") == "1" and lic.commercial in ("no", "unknown"):
+        raise FinetuneLabError(f"{lic.line()}, and FINETUNE_LAB_COMMERCIAL_ONLY=1 asks for commercial use",
+                               fix="choose a model whose licence allows commercial use (finetune-lab model list), or unset FINETUNE_LAB_COMMERCIAL_ONLY")
+    if lic.commercial != "yes": print(lic.line())
+    return lic
+
+# %% ../nbs/01_models.ipynb #8ae3c055
+def model_facts(name:str,       # registry name, local folder or hub id
+                batch:int=8,    # rows of the timed forward pass
+                tokens:int=128, # tokens per row
+                new_tokens:int=32, # tokens of the timed generation
+                device:str=None) -> dict:
+    "Measured facts of `name`: size, architecture, context, weights memory, read and write speed, licence."
+    import torch
+    start = time.perf_counter(); model, tok = load_model(name, device=device, dtype=torch.float32); load_s = time.perf_counter() - start
+    cfg, n = model.config, model.num_parameters()
+    ids = torch.randint(100, len(tok), (batch, tokens), generator=torch.Generator().manual_seed(0)).to(model.device)
+    with torch.no_grad():
+        model(input_ids=ids[:1, :8])                                   # warm-up
+        start = time.perf_counter(); model(input_ids=ids); read_s = time.perf_counter() - start
+        start = time.perf_counter()
+        out = model.generate(input_ids=ids[:1, :16], attention_mask=torch.ones_like(ids[:1, :16]), max_new_tokens=new_tokens,
+                             min_new_tokens=new_tokens, do_sample=False)
+        write_s = time.perf_counter() - start
+    lic = model_licence(name)
+    return {"model": name, "architecture": f"{cfg.model_type}, decoder-only" if not cfg.is_encoder_decoder else cfg.model_type,
+            "layers": cfg.num_hidden_layers, "params_M": round(n/1e6, 1),
+            "embeddings_share": round(model.get_input_embeddings().weight.numel()/n, 2),
+            "context": cfg.max_position_embeddings, "fp32_weights_MB": round(n*4/2**20), "load_s": round(load_s, 2),
+            "read_tokens_per_s": round(batch*tokens/read_s), "write_tokens_per_s": round((out.shape[1]-16)/write_s, 1),
+            "licence": lic.id, "commercial_use": lic.commercial}

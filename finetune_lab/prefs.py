@@ -127,7 +127,7 @@ def begin_pairs(model:str, s:OfflineSettings, data, like, adapter, out_dir, resu
     "Start a run on preference pairs (DPO, the reward model): `(splits, validation pairs, device, claimed folder, tokenizer)`."
     splits = training_pairs(data, like, s.seed, s.drop_constant_system)
     if adapter is not None: check_adapter(adapter)
-    device, out = begin(s, out_dir, resume, overwrite)
+    device, out = begin(s, out_dir, resume, overwrite, model)
     return splits, splits.get("val", [])[:s.eval_rows], device, out, load_tokenizer(model, "train")
 
 def pairs_dataset(rows:list[dict]):

@@ -205,7 +205,7 @@ def train_ppo(model:str, prompts:list[dict], reward_model, config:PPOSettings=No
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     s = config or PPOSettings()
     if not prompts: raise FinetuneLabError("no prompts for PPO", fix="check the data path")
-    device, out = begin(s, out_dir, overwrite=overwrite)
+    device, out = begin(s, out_dir, overwrite=overwrite, model=model)
     tok = ppo_tokenizer(model)
     policy, reward_model, value = ppo_models(model, adapter, reward_model, tok)
     ids = [tok(tok.apply_chat_template(p["prompt"], add_generation_prompt=True, tokenize=False), add_special_tokens=False)["input_ids"] for p in prompts]
@@ -259,7 +259,7 @@ def train_grpo(model:str, prompts:list[dict], config:GRPOSettings=None, out_dir:
     from trl import GRPOConfig, GRPOTrainer
     s = config or GRPOSettings()
     if not prompts: raise FinetuneLabError("no prompts for GRPO", fix="check the data path")
-    device, out = begin(s, out_dir, overwrite=overwrite)
+    device, out = begin(s, out_dir, overwrite=overwrite, model=model)
     policy = merge_adapter(model, adapter)
     args = trainer_args(GRPOConfig, s, out, device, per_device_train_batch_size=s.prompts_per_step * s.num_generations, num_generations=s.num_generations,
                         beta=s.beta, max_completion_length=s.max_new_tokens, temperature=s.temperature, log_completions=False)

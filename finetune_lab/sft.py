@@ -64,7 +64,7 @@ def train_sft(model:str,                 # registry name, local folder or hub id
     splits = load_splits(data, s.seed)
     if not splits.get("train"): raise FinetuneLabError("no training rows", fix="check the data path")
     if s.drop_constant_system: splits, _ = drop_constant_system(splits)
-    device, out = begin(s, out_dir, resume, overwrite)
+    device, out = begin(s, out_dir, resume, overwrite, model)
     val = splits.get("val", [])[:s.eval_rows]
     path, tok = prepare_model(model), load_tokenizer(model, "train")
     args = trainer_args(SFTConfig, s, out, device, bool(val), weight_decay=s.weight_decay, load_best_model_at_end=bool(val),

@@ -7,7 +7,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/train.html.md"""
 # %% ../nbs/02b_train.ipynb #117e9e45
 from __future__ import annotations
 import functools, json, os, shutil, tempfile, threading, time
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 from transformers import TrainerCallback
@@ -278,10 +278,16 @@ def resume_point(folder:Path) -> Path|None:
     return ck if rank() == 0 else last_checkpoint(folder)
 
 # %% ../nbs/02b_train.ipynb #1f01e99f
-def begin(s:TrainSettings, out_dir:str|Path, resume:bool=False, overwrite:bool=False) -> tuple[str, Path]:
-    "Start a run: its device, its claimed folder (see `claim_dir`; with several processes rank 0 claims it, the others wait), every generator seeded."
+def begin(s:TrainSettings, out_dir:str|Path, resume:bool=False, overwrite:bool=False,
+          model:str=None  # the base model: its licence is checked first (`models.check_licence`) and kept in the run folder
+         ) -> tuple[str, Path]:
+    "Start a run: the base model's licence checked, its device, its claimed folder (see `claim_dir`; with several processes rank 0 claims it, the others wait), every generator seeded."
+    from finetune_lab.models import check_licence
     device = get_device(s.device)
-    if rank() == 0: claim_dir(out_dir, resume, overwrite)
+    if rank() == 0:
+        lic = check_licence(model) if model is not None else None
+        claim_dir(out_dir, resume, overwrite)
+        if lic: write_json(Path(out_dir)/"licence.json", asdict(lic))
     wait_for_everyone()
     seed_everything(s.seed)
     return device, Path(out_dir)

@@ -166,3 +166,50 @@ def test_contiguous_head_keeps_logits_and_hooks_once():
     with torch.no_grad(): after = model(input_ids=ids, logits_to_keep=3).logits
     torch.testing.assert_close(after, before, atol=1e-3, rtol=2e-2)
     assert len(model.get_output_embeddings()._forward_pre_hooks) == 1
+
+
+def _folder(root, name, card=None, config=None):
+    d = root/name; d.mkdir()
+    (d/"config.json").write_text(json.dumps(config or {}))
+    if card is not None: (d/"README.md").write_text(card)
+    return d
+
+
+@pytest.mark.parametrize("card,commercial", [("---\nlicense: apache-2.0\n---\n# card", "yes"),
+                                             ("---\nlicense: CC-BY-NC-4.0\n---\n", "no"),
+                                             ("---\nlicense: llama3.2\n---\n", "with conditions"),
+                                             ("---\nlicense: other\n---\n", "unknown"),
+                                             ("---\nlicense: [unclosed\n---\n", "unknown"),
+                                             ("# a card with no header", "unknown"),
+                                             (None, "unknown")])
+def test_licence_is_read_from_the_model_card(tmp_path, card, commercial):
+    lic = models.model_licence(str(_folder(tmp_path, "m", card)))
+    assert lic.commercial == commercial and lic.source == "model card"
+    assert models.model_licence("smollm2-135m-instruct").commercial == "yes"
+
+
+def test_training_checks_the_licence_first(tmp_path, monkeypatch, capsys):
+    "A non-commercial model is said in one line and kept in the run folder; with FINETUNE_LAB_COMMERCIAL_ONLY=1 it is refused before the folder is claimed."
+    from finetune_lab.train import TrainSettings, begin
+    nc = str(_folder(tmp_path, "nc", "---\nlicense: cc-by-nc-4.0\n---\n"))
+    begin(TrainSettings(), tmp_path/"run", model=nc)
+    assert "commercial use: no" in capsys.readouterr().out
+    assert json.loads((tmp_path/"run"/"licence.json").read_text())["id"] == "cc-by-nc-4.0"
+    begin(TrainSettings(), tmp_path/"quiet", model="tiny")
+    assert capsys.readouterr().out == ""
+    monkeypatch.setenv("FINETUNE_LAB_COMMERCIAL_ONLY", "1")
+    with pytest.raises(FinetuneLabError, match="non-commercial"): begin(TrainSettings(), tmp_path/"refused", model=nc)
+    assert not (tmp_path/"refused").exists()
+
+
+def test_encoder_decoder_folders_are_refused(tmp_path):
+    t5 = _folder(tmp_path, "t5", config={"model_type": "t5", "is_encoder_decoder": True})
+    with pytest.raises(FinetuneLabError, match="encoder-decoder model \\(t5\\)"): prepare_model(str(t5))
+    assert prepare_model(str(_folder(tmp_path, "llama", config={"model_type": "llama"}))) == (tmp_path/"llama").resolve()
+
+
+def test_model_facts_measure_the_tiny_model():
+    f = models.model_facts("tiny", batch=2, tokens=16, new_tokens=4)
+    assert f["architecture"] == "llama, decoder-only" and f["layers"] == 2 and 3 < f["params_M"] < 4
+    assert f["embeddings_share"] > 0.9 and f["read_tokens_per_s"] > 0 and f["write_tokens_per_s"] > 0
+    assert f["commercial_use"] == "yes"
