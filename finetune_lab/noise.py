@@ -10,7 +10,7 @@ import json, random
 from .data import get_label, parse_answer, prompt_text
 
 # %% auto #0
-__all__ = ['flip_labels', 'suspect_labels', 'choice_probs']
+__all__ = ['flip_labels', 'suspect_labels']
 
 # %% ../nbs/03b_noise.ipynb #388dc8c4
 def flip_labels(rows:list[dict],   # rows with a JSON object answer
@@ -44,16 +44,3 @@ def suspect_labels(rows:list[dict],   # rows with a JSON object answer
     clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True), LogisticRegression(max_iter=2000, C=10))
     probs = cross_val_predict(clf, [prompt_text(r) for r in rows], y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
     return [int(i) for i in find_label_issues(labels=y, pred_probs=probs, return_indices_ranked_by="self_confidence")]
-
-# %% ../nbs/03b_noise.ipynb #050e6ddd
-def choice_probs(model, tok, texts:list[str], choices:list[str], batch_size:int=16):
-    "For each text, the model's probabilities of `choices` (softmax over their first tokens) as the next token, shape (texts, choices); `tok` pads on the left."
-    import torch
-    first = [tok(c, add_special_tokens=False)["input_ids"][0] for c in choices]
-    if len(set(first)) < len(first): raise ValueError(f"choices {choices} share a first token")
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            out.append(model(**enc).logits[:, -1, first].float().softmax(-1))
-    return torch.cat(out)

@@ -12,7 +12,7 @@ from .data import answer_text, get_label, parse_answer
 from .metrics import bootstrap_ci
 
 # %% auto #0
-__all__ = ['PRIORITY_LAST', 'line_patterns', 'tone_cue', 'field_prompt', 'next_choice', 'FieldWatch', 'by_group',
+__all__ = ['PRIORITY_LAST', 'line_patterns', 'tone_cue', 'field_prompt', 'choice_probs', 'next_choice', 'FieldWatch', 'by_group',
            'reorder_answer', 'reorder_splits', 'plot_groups', 'pick_examples', 'with_examples']
 
 # %% ../nbs/03a_recipe.ipynb #e3fa7a85
@@ -35,17 +35,18 @@ def field_prompt(tok, row:dict, field:str, drop_system:bool=True) -> str:
     return tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) + ans[:ans.index(key) + len(key)]
 
 # %% ../nbs/03a_recipe.ipynb #4a9f3ae5
-def next_choice(model, tok, texts:list[str], choices:list[str], batch_size:int=16) -> list[str]:
-    "For each text, the choice whose first token the model ranks highest next (`tok` pads on the left; the choices' first tokens differ)."
+def choice_probs(model, tok, texts:list[str], choices:list[str], batch_size:int=16):
+    "For each text, the model's probabilities of `choices` as the next token (softmax over their first tokens), shape (texts, choices); `tok` pads on the left."
     import torch
     first = [tok(c, add_special_tokens=False)["input_ids"][0] for c in choices]
     if len(set(first)) < len(first): raise ValueError(f"choices {choices} share a first token")
-    picks = []
     with torch.no_grad():
-        for i in range(0, len(texts), batch_size):
-            enc = tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
-            picks += [choices[j] for j in model(**enc).logits[:, -1, first].argmax(-1).tolist()]
-    return picks
+        return torch.cat([model(**tok(texts[i:i + batch_size], return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
+                                ).logits[:, -1, first].float().softmax(-1) for i in range(0, len(texts), batch_size)])
+
+def next_choice(model, tok, texts:list[str], choices:list[str], batch_size:int=16) -> list[str]:
+    "For each text, the choice whose first token the model ranks highest next (see `choice_probs`)."
+    return [choices[j] for j in choice_probs(model, tok, texts, choices, batch_size).argmax(-1).tolist()]
 
 # %% ../nbs/03a_recipe.ipynb #5c17929c
 from transformers import TrainerCallback

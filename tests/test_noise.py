@@ -3,7 +3,8 @@ import json
 from pathlib import Path
 import pytest
 from finetune_lab.data import CATEGORIES, answer_text, get_label, load_rows, parse_answer
-from finetune_lab.noise import choice_probs, flip_labels, suspect_labels
+from finetune_lab.noise import flip_labels, suspect_labels
+from finetune_lab.recipe import choice_probs
 
 DATA = Path(__file__).parent.parent/"data"
 
@@ -32,7 +33,7 @@ def test_suspects_find_most_flipped_labels(rows):
     hit = len(flagged & set(idx))
     assert hit / len(idx) > 0.6 and hit / len(flagged) > 0.5, (hit, len(idx), len(flagged))
 
-def test_choice_probs_are_a_distribution_whose_argmax_is_next_choice():
+def test_choice_probs_match_each_text_alone_and_pick_as_next_choice():
     import torch
     from finetune_lab.models import load_model
     from finetune_lab.recipe import next_choice
@@ -40,5 +41,9 @@ def test_choice_probs_are_a_distribution_whose_argmax_is_next_choice():
     texts = ['{"category": "', 'Ticket: my parcel is late. {"category": "', "x"]
     p = choice_probs(model, tok, texts, CATEGORIES)
     assert p.shape == (3, len(CATEGORIES)) and torch.allclose(p.sum(-1), torch.ones(3))
+    first = [tok(c, add_special_tokens=False)["input_ids"][0] for c in CATEGORIES]
+    for text, row in zip(texts, p):                                             # a padded batch gives what each text alone gives
+        with torch.no_grad(): alone = model(**tok(text, return_tensors="pt", add_special_tokens=False)).logits[0, -1, first].softmax(-1)
+        assert torch.allclose(row, alone, atol=1e-5)
     assert [CATEGORIES[i] for i in p.argmax(-1).tolist()] == next_choice(model, tok, texts, CATEGORIES)
     with pytest.raises(ValueError, match="share a first token"): choice_probs(model, tok, texts, ["billing", "billing"])
