@@ -6,8 +6,9 @@ Docs: https://finetune-lab.github.io/finetune_lab/noise.html.md"""
 
 # %% ../nbs/03b_noise.ipynb #e1bd45c9
 from __future__ import annotations
-import json, random
+import random
 from .data import get_label, parse_answer, prompt_text
+from .recipe import with_answer
 
 # %% auto #0
 __all__ = ['flip_labels', 'suspect_labels']
@@ -25,7 +26,7 @@ def flip_labels(rows:list[dict],   # rows with a JSON object answer
     for i in flipped:
         a = parse_answer(rows[i])
         a[field] = rng.choice([c for c in choices if c != a[field]])
-        out[i] = {**rows[i], "messages": [*rows[i]["messages"][:-1], {**rows[i]["messages"][-1], "content": json.dumps(a, ensure_ascii=False)}]}
+        out[i] = with_answer(rows[i], a)
     return out, flipped
 
 # %% ../nbs/03b_noise.ipynb #be9f5345

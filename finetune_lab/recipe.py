@@ -13,7 +13,7 @@ from .metrics import bootstrap_ci
 
 # %% auto #0
 __all__ = ['PRIORITY_LAST', 'line_patterns', 'tone_cue', 'field_prompt', 'choice_probs', 'next_choice', 'FieldWatch', 'by_group',
-           'reorder_answer', 'reorder_splits', 'plot_groups', 'pick_examples', 'with_examples']
+           'with_answer', 'reorder_answer', 'reorder_splits', 'plot_groups', 'pick_examples', 'with_examples']
 
 # %% ../nbs/03a_recipe.ipynb #e3fa7a85
 def line_patterns(templates:list[str]) -> re.Pattern:
@@ -73,12 +73,15 @@ def by_group(hits:list, groups:list[str]) -> dict[str, dict]:
 # %% ../nbs/03a_recipe.ipynb #f7d07611
 PRIORITY_LAST = ("category", "product", "sentiment", "summary", "priority")   # priority after the fields it depends on
 
+def with_answer(row:dict, answer:dict) -> dict:
+    "`row` with its last message's content replaced by `answer` written as JSON."
+    return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": json.dumps(answer, ensure_ascii=False)}]}
+
 def reorder_answer(row:dict, order=PRIORITY_LAST) -> dict:
     "`row` with its JSON answer's keys in `order` (keys `order` does not name follow, as they were); a row without a JSON object answer is returned as it is."
     a = parse_answer(row)
     if a is None: return row
-    a = {k: a[k] for k in order if k in a} | a
-    return {**row, "messages": [*row["messages"][:-1], {**row["messages"][-1], "content": json.dumps(a, ensure_ascii=False)}]}
+    return with_answer(row, {k: a[k] for k in order if k in a} | a)
 
 # %% ../nbs/03a_recipe.ipynb #47f86387
 def reorder_splits(splits:dict[str, list[dict]], order=PRIORITY_LAST) -> dict[str, list[dict]]:
