@@ -6,12 +6,17 @@ Docs: https://finetune-lab.github.io/finetune_lab/noise.html.md"""
 
 # %% ../nbs/03b_noise.ipynb #e1bd45c9
 from __future__ import annotations
-import random
+import json, random
+from dataclasses import asdict
+from pathlib import Path
+from .core import write_json
 from .data import get_label, parse_answer, prompt_text
-from .recipe import with_answer
+from .evaluate import GenerationCache
+from .models import load_tokenizer
+from .recipe import choice_probs, field_prompt, with_answer
 
 # %% auto #0
-__all__ = ['flip_labels', 'suspect_labels']
+__all__ = ['flip_labels', 'suspect_labels', 'scored_run', 'scored_summary']
 
 # %% ../nbs/03b_noise.ipynb #388dc8c4
 def flip_labels(rows:list[dict],   # rows with a JSON object answer
@@ -45,3 +50,42 @@ def suspect_labels(rows:list[dict],   # rows with a JSON object answer
     clf = make_pipeline(TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True), LogisticRegression(max_iter=2000, C=10))
     probs = cross_val_predict(clf, [prompt_text(r) for r in rows], y, cv=StratifiedKFold(folds, shuffle=True, random_state=seed), method="predict_proba")
     return [int(i) for i in find_label_issues(labels=y, pred_probs=probs, return_indices_ranked_by="self_confidence")]
+
+# %% ../nbs/03b_noise.ipynb #8b4ff0d1
+def _sft(model_name, data, settings, folder):
+    from finetune_lab.sft import train_sft
+    return train_sft(model_name, data, settings, folder, overwrite=True, live_plot=False)
+
+# %% ../nbs/03b_noise.ipynb #fc058ede
+def scored_run(model_name:str, splits:dict, # `data.load_splits`: val and test are used as they are
+               rows:list[dict],             # the training rows
+               settings,                    # `sft.SFTSettings`
+               cache:str|Path,              # folder of finished runs
+               choices:list[str], field:str="category",
+               trainer=None) -> dict:                # `trainer(model_name, data, settings, folder)` -> `train.TrainResult`; default: SFT
+    "Train on `rows` and score the test split's `field` by its first token; a finished run with the same inputs is read back from `cache`."
+    tok, test = load_tokenizer(model_name), splits["test"]
+    parts = [model_name, asdict(settings), rows, splits.get("val", []), test, field, choices] + ([trainer.__qualname__] if trainer else [])
+    folder = Path(cache)/GenerationCache.key(*parts)[:16]
+    if not (folder/"run.json").is_file():
+        res = (trainer or _sft)(model_name, {**splits, "train": rows}, settings, folder)
+        p = choice_probs(res.model.eval(), tok, [field_prompt(tok, r, field) for r in test], choices)
+        log = [{k: h[k] for k in ("step", "loss", "eval_loss") if k in h} for h in res.log_history if "loss" in h or "eval_loss" in h]
+        write_json(folder/"run.json", {"rows": len(rows), "steps": res.steps, "minutes": res.seconds / 60, "log": log, **({"details": res.details} if res.details else {}),
+                                       "picks": [choices[j] for j in p.argmax(-1).tolist()],
+                                       "p_gold": [float(p[k, choices.index(get_label(r, field))]) for k, r in enumerate(test)]})
+    done = json.loads((folder/"run.json").read_text())
+    return {**done, "folder": folder.name, "hits": [float(a == get_label(r, field)) for a, r in zip(done["picks"], test)]}
+
+# %% ../nbs/03b_noise.ipynb #f692eea4
+def scored_summary(r:dict,          # a `scored_run` result
+                   ref:dict=None,   # the run to compare with, on the same test rows
+                   field:str="category",
+                   ref_name:str="reference") -> dict:
+    "One table row for a `scored_run`: accuracy with its 95% bootstrap interval, the paired change from `ref`, the mean probability of the right label, minutes."
+    from finetune_lab.metrics import bootstrap_ci, change
+    (lo, hi), n = bootstrap_ci(r["hits"]), len(r["hits"])
+    d = change(ref["hits"], r["hits"]) if ref else None
+    return {"training rows": r["rows"], f"{field} accuracy": f"{sum(r['hits']) / n:.1%} [{lo:.1%}, {hi:.1%}]",
+            f"vs {ref_name} (paired)": f"{d['diff']:+.1%} [{d['ci'][0]:+.1%}, {d['ci'][1]:+.1%}] {d['verdict']}" if d else "",
+            "p(right label)": f"{sum(r['p_gold']) / n:.3f}", "minutes": f"{r['minutes']:.1f}"}

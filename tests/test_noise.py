@@ -47,3 +47,21 @@ def test_choice_probs_match_each_text_alone_and_pick_as_next_choice():
         assert torch.allclose(row, alone, atol=1e-5)
     assert [CATEGORIES[i] for i in p.argmax(-1).tolist()] == next_choice(model, tok, texts, CATEGORIES)
     with pytest.raises(ValueError, match="share a first token"): choice_probs(model, tok, texts, ["billing", "billing"])
+
+def test_scored_run_reads_a_finished_run_back(tmp_path, monkeypatch):
+    "The same model, settings and rows: the second call trains nothing; other rows train again, into another folder."
+    import finetune_lab.sft as sft
+    from finetune_lab.data import load_splits
+    from finetune_lab.noise import scored_run
+    splits = load_splits(DATA/"tickets_raw.jsonl", seed=0)
+    splits = {"train": splits["train"][:16], "val": splits["val"][:4], "test": splits["test"][:6]}
+    s = sft.SFTSettings(method="lora", max_steps=1, batch_size=2, eval_rows=4, eval_steps=1)
+    first = scored_run("tiny", splits, splits["train"], s, tmp_path, CATEGORIES)
+    assert first["steps"] == 1 and len(first["hits"]) == 6 and len(first["p_gold"]) == 6 and first["log"]
+    calls = []
+    real = sft.train_sft
+    monkeypatch.setattr(sft, "train_sft", lambda *a, **k: calls.append(1) or real(*a, **k))
+    again = scored_run("tiny", splits, splits["train"], s, tmp_path, CATEGORIES)
+    assert calls == [] and again == first
+    other = scored_run("tiny", splits, splits["train"][:8], s, tmp_path, CATEGORIES)
+    assert calls == [1] and other["folder"] != first["folder"] and other["rows"] == 8
