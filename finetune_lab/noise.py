@@ -64,11 +64,11 @@ def scored_run(model_name:str, splits:dict, # `data.load_splits`: val and test a
                choices:list[str], field:str="category",
                trainer=None) -> dict:                # `trainer(model_name, data, settings, folder)` -> `train.TrainResult`; default: SFT
     "Train on `rows` and score the test split's `field` by its first token; a finished run with the same inputs is read back from `cache`."
-    tok, test = load_tokenizer(model_name), splits["test"]
+    test = splits["test"]
     parts = [model_name, asdict(settings), rows, splits.get("val", []), test, field, choices] + ([trainer.__qualname__] if trainer else [])
     folder = Path(cache)/GenerationCache.key(*parts)[:16]
     if not (folder/"run.json").is_file():
-        res = (trainer or _sft)(model_name, {**splits, "train": rows}, settings, folder)
+        res, tok = (trainer or _sft)(model_name, {**splits, "train": rows}, settings, folder), load_tokenizer(model_name)
         p = choice_probs(res.model.eval(), tok, [field_prompt(tok, r, field) for r in test], choices)
         log = [{k: h[k] for k in ("step", "loss", "eval_loss") if k in h} for h in res.log_history if "loss" in h or "eval_loss" in h]
         write_json(folder/"run.json", {"rows": len(rows), "steps": res.steps, "minutes": res.seconds / 60, "log": log, **({"details": res.details} if res.details else {}),
