@@ -6,7 +6,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/data.html.md"""
 
 # %% ../nbs/02_data.ipynb #c6b7edb8
 from __future__ import annotations
-import csv, hashlib, io, json, random, re, unicodedata
+import csv, gzip, hashlib, io, json, random, re, unicodedata
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -14,14 +14,14 @@ from .core import FinetuneLabError, atomic_path, progress, write_json
 
 # %% auto #0
 __all__ = ['CATEGORIES', 'PRIORITIES', 'SENTIMENTS', 'SYSTEM_PROMPT', 'TICKET_SCHEMA', 'FILE_TYPES', 'READERS', 'FORMATS',
-           'REMOVING', 'read_jsonl', 'read_json', 'read_csv', 'read_parquet', 'read_records', 'detect_format',
-           'parse_transcript', 'normalise', 'load_rows', 'prompt_text', 'answer_text', 'parse_answer', 'get_label',
-           'check_answer', 'detect_schema', 'count_tokens', 'find_pii', 'mask_pii', 'exact_key', 'shingles',
-           'minhashes', 'similar_pairs', 'clusters', 'find_duplicates', 'label_balance', 'bias_probe', 'split',
-           'find_leakage', 'DataSettings', 'QualityReport', 'CheckResult', 'row_problems', 'mark_exact_duplicates',
-           'mark_near_duplicates', 'quarantine_rows', 'check_counts', 'check_examples', 'dataset_flags',
-           'check_dataset', 'plot_report', 'report_markdown', 'write_jsonl', 'save_check', 'browse', 'load_splits',
-           'held_out_rows', 'prompt_messages', 'drop_constant_system']
+           'REMOVING', 'strict_json', 'read_jsonl', 'read_json', 'read_csv', 'read_parquet', 'read_records',
+           'detect_format', 'parse_transcript', 'normalise', 'control_token', 'load_rows', 'prompt_text', 'answer_text',
+           'parse_answer', 'get_label', 'check_answer', 'detect_schema', 'count_tokens', 'find_pii', 'mask_pii',
+           'exact_key', 'shingles', 'minhashes', 'similar_pairs', 'clusters', 'find_duplicates', 'label_balance',
+           'bias_probe', 'split', 'find_leakage', 'DataSettings', 'QualityReport', 'CheckResult', 'row_problems',
+           'mark_exact_duplicates', 'mark_near_duplicates', 'quarantine_rows', 'check_counts', 'check_examples',
+           'dataset_flags', 'check_dataset', 'plot_report', 'report_markdown', 'write_jsonl', 'save_check', 'browse',
+           'load_splits', 'held_out_rows', 'prompt_messages', 'drop_constant_system']
 
 # %% ../nbs/02_data.ipynb #25454ffc
 CATEGORIES = ["billing", "shipping", "technical", "account", "refund", "other"]
@@ -44,16 +44,51 @@ TICKET_SCHEMA = {
 # %% ../nbs/02_data.ipynb #ea258115
 FILE_TYPES = {".jsonl": "jsonl", ".ndjson": "jsonl", ".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
 
+def _read_bytes(path:Path) -> bytes:
+    "The file's bytes (a `.gz` file's decompressed); a file that cannot be read is one line, not a traceback."
+    try: data = path.read_bytes()
+    except OSError as e: raise FinetuneLabError(f"{path}: cannot be read ({e.strerror or type(e).__name__})", fix="check the file's permissions") from None
+    if path.suffix.lower() != ".gz": return data
+    try: return gzip.decompress(data)
+    except (OSError, EOFError) as e:
+        raise FinetuneLabError(f"{path}: not a readable gzip file ({e})", fix="re-compress it with gzip, or pass the uncompressed file") from None
+
+# %% ../nbs/02_data.ipynb #04e66f91
 def _decode(path:Path) -> str:
-    data = path.read_bytes()
-    if not data.strip(): raise FinetuneLabError(f"{path}: the file is empty", fix="point at a file with at least one row")
-    try: return data.decode("utf-8-sig")
+    "The file as text: UTF-8 (a BOM is dropped); an empty file, bad UTF-8 or a NUL byte stop the load at their line."
+    data = _read_bytes(path)
+    if not data.strip(): raise _empty(path)
+    try: text = data.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         line = data[:e.start].count(b"\n") + 1
         raise FinetuneLabError(f"{path}:{line}: not valid UTF-8 (byte {e.start})",
                                fix="re-save the file as UTF-8, e.g. `iconv -f latin1 -t utf-8`") from None
+    if (nul := text.find("\x00")) >= 0:
+        raise FinetuneLabError(f"{path}:{text.count(chr(10), 0, nul) + 1}: a NUL byte, so binary data rather than text", fix="repair the file, or delete that line")
+    return text
 
 def _empty(path:Path): return FinetuneLabError(f"{path}: the file is empty", fix="point at a file with at least one row")
+
+# %% ../nbs/02_data.ipynb #dc35f451
+class _Refused(ValueError):
+    def __init__(self, msg, fix): super().__init__(msg); self.fix = fix
+
+def _no_twice(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) < len(keys): raise _Refused(f"the key {next(k for k in keys if keys.count(k) > 1)!r} appears twice", "keep one value per key")
+    return dict(pairs)
+
+def _no_constant(name): raise _Refused(f"{name} is not JSON", "write a number or null")
+
+def strict_json(text:str, where:str):
+    "`text` parsed as JSON; duplicate keys, NaN/Infinity, lone surrogates and too deep nesting raise `FinetuneLabError` naming `where`."
+    try:
+        value = json.loads(text, object_pairs_hook=_no_twice, parse_constant=_no_constant)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")   # lone surrogates cannot be written out
+    except _Refused as e: raise FinetuneLabError(f"{where}: {e}", fix=e.fix) from None
+    except RecursionError: raise FinetuneLabError(f"{where}: JSON nested too deeply to read", fix="flatten the record (a row needs a few levels)") from None
+    except UnicodeEncodeError: raise FinetuneLabError(f"{where}: a \\u escape that is not text (a lone UTF-16 surrogate)", fix="repair or remove that escape") from None
+    return value
 
 # %% ../nbs/02_data.ipynb #c7be1b32
 def read_jsonl(path:Path) -> list[tuple[int, dict, str]]:
@@ -61,19 +96,20 @@ def read_jsonl(path:Path) -> list[tuple[int, dict, str]]:
     out = []
     for n, line in enumerate(_decode(path).splitlines(), 1):
         if not line.strip(): continue
-        try: rec = json.loads(line)
-        except ValueError as e:
+        try: rec = strict_json(line, f"{path}:{n}")
+        except json.JSONDecodeError as e:
             raise FinetuneLabError(f"{path}:{n}: not valid JSON ({e.msg} at column {e.colno})",
                                    fix="repair or delete that line (a truncated last line means the file was cut)") from None
-        if not isinstance(rec, dict): raise FinetuneLabError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}")
+        if not isinstance(rec, dict): raise FinetuneLabError(f"{path}:{n}: each line must be a JSON object, found {type(rec).__name__}",
+                                                       fix='write one row per line as an object, e.g. {"messages": [...]}')
         out.append((n, rec, f"{path}:{n}"))
     return out
 
 # %% ../nbs/02_data.ipynb #9ed4e762
 def read_json(path:Path) -> list[tuple[int, dict, str]]:
     "The records of a JSON file: an array of objects (or an object holding one such array)."
-    try: data = json.loads(_decode(path))
-    except ValueError as e:
+    try: data = strict_json(_decode(path), str(path))
+    except json.JSONDecodeError as e:
         raise FinetuneLabError(f"{path}:{e.lineno}: not valid JSON ({e.msg})", fix="repair the file, or use JSONL (one object per line)") from None
     if isinstance(data, dict) and len(data) == 1 and isinstance(next(iter(data.values())), list): data = next(iter(data.values()))
     if not isinstance(data, list) or not all(isinstance(r, dict) for r in data):
@@ -93,19 +129,24 @@ def _maybe_json(v):
 
 def read_csv(path:Path) -> list[tuple[int, dict, str]]:
     "The records of a CSV file with a header row; cells that hold message lists as JSON are parsed."
-    reader, out = csv.DictReader(io.StringIO(_decode(path))), []
-    for r in reader:
-        n = reader.line_num
-        if None in r: raise FinetuneLabError(f"{path}:{n}: more fields than the header has", fix="quote fields that contain commas")
-        out.append((n, {k: _maybe_json(v) for k, v in r.items()}, f"{path}:{n}"))
+    reader, out, start = csv.DictReader(io.StringIO(_decode(path)), strict=True), [], 2
+    try:
+        for r in reader:
+            n = reader.line_num
+            if None in r: raise FinetuneLabError(f"{path}:{n}: more fields than the header has", fix="quote fields that contain commas")
+            if None in r.values(): raise FinetuneLabError(f"{path}:{n}: fewer fields than the header has", fix='give the row a value for every column (an empty one is "")')
+            out.append((n, {k: _maybe_json(v) for k, v in r.items()}, f"{path}:{n}"))
+            start = n + 1
+    except csv.Error as e:
+        raise FinetuneLabError(f"{path}:{start}: not valid CSV from this line on ({e})", fix='close every opening quote, and double a quote inside a quoted field ("")') from None
     if not out: raise FinetuneLabError(f"{path}: the file has a header but no rows", fix="point at a file with at least one row")
     return out
 
 # %% ../nbs/02_data.ipynb #4715a079
 def read_parquet(path:Path) -> list[tuple[int, dict, str]]:
     "The records of a Parquet file, one per table row."
-    import pyarrow.parquet as pq
-    try: rows = pq.read_table(path).to_pylist()
+    import pyarrow as pa, pyarrow.parquet as pq
+    try: rows = pq.read_table(pa.BufferReader(_read_bytes(path))).to_pylist()
     except Exception as e: raise FinetuneLabError(f"{path}: not a readable Parquet file ({type(e).__name__})", fix="re-export the file") from None
     if not rows: raise _empty(path)
     return [(i + 1, r, f"{path}:row {i+1}") for i, r in enumerate(rows)]
@@ -122,11 +163,13 @@ def read_records(source, # a path (.jsonl/.json/.csv/.parquet) or a `datasets.Da
             return [(i + 1, r, f"{name}[{i}]") for name in source for i, r in enumerate(source[name])]
         return [(i + 1, r, f"dataset[{i}]") for i, r in enumerate(source)]
     path = Path(source)
-    if not path.is_file(): raise FinetuneLabError(f"{path}: no such file", fix="check the path")
-    kind = file_type or FILE_TYPES.get(path.suffix.lower())
+    if not path.exists(): raise FinetuneLabError(f"{path}: no such file", fix="check the path")
+    if path.is_dir(): raise FinetuneLabError(f"{path}: a folder, not a data file", fix="pass one file (a folder only where a command takes the splits `data check` wrote)")
+    suffix = (Path(path.stem).suffix if path.suffix.lower() == ".gz" else path.suffix).lower()   # data.jsonl.gz is JSONL
+    kind = file_type or FILE_TYPES.get(suffix)
     if kind not in READERS:
-        raise FinetuneLabError(f"{path}: unknown file type {path.suffix or '(no extension)'!r}",
-                               fix=f"use one of {', '.join(sorted(FILE_TYPES))} or pass --file-type")
+        raise FinetuneLabError(f"{path}: unknown file type {suffix or '(no extension)'!r}",
+                               fix=f"use one of {', '.join(sorted(FILE_TYPES))} (each may end in .gz) or pass --file-type")
     return READERS[kind](path)
 
 # %% ../nbs/02_data.ipynb #147db525
@@ -209,6 +252,14 @@ def normalise(rec:dict, where:str, fmt:str="auto") -> dict:
     raise FinetuneLabError(f"{where}: unknown row format (keys: {', '.join(sorted(rec)) or 'none'})",
                            fix="use messages, instruction/input/output, prompt/completion or prompt/chosen/rejected (or pass --format)")
 
+# %% ../nbs/02_data.ipynb #e50bf077
+_CONTROL = re.compile(r"<\|[^|<>\s]{1,40}\|>")
+
+def control_token(row:dict) -> str|None:
+    "The first chat-template control token (`<|im_start|>`, `<|eot_id|>`, ...) in a normalised row's text, or None."
+    for m in [*row.get("messages", []), *row.get("prompt", []), *row.get("chosen", []), *row.get("rejected", [])]:
+        if (hit := _CONTROL.search(m["content"])): return hit.group()
+
 # %% ../nbs/02_data.ipynb #dc2b0f33
 def load_rows(source,                # a path or a `datasets.Dataset`/`DatasetDict`
               format:str="auto",     # one of `FORMATS`, or "auto" to detect per row
@@ -220,10 +271,14 @@ def load_rows(source,                # a path or a `datasets.Dataset`/`DatasetDi
     rows = []
     for line, rec, where in read_records(source, file_type):
         row = normalise(rec, where, format)
+        if (tok := control_token(row)):
+            raise FinetuneLabError(f"{where}: the text holds the chat-template control token {tok!r}",
+                                   fix="remove it or break it up (e.g. '< |im_start| >'): in training data it can fake a turn of the conversation")
         row["line"] = line
         rows.append(row)
-    kinds = {"preference" if "chosen" in r else "sft" for r in rows}
-    if len(kinds) > 1: raise FinetuneLabError(f"{source}: mixes preference rows and SFT rows", fix="keep them in separate files")
+    kind = lambda r: "preference" if "chosen" in r else "SFT"
+    if (odd := next((r for r in rows if kind(r) != kind(rows[0])), None)):
+        raise FinetuneLabError(f"{source}:{odd['line']}: a {kind(odd)} row in a file of {kind(rows[0])} rows", fix="keep preference rows and SFT rows in separate files")
     return rows
 
 # %% ../nbs/02_data.ipynb #4395ec97
