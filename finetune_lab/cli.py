@@ -379,6 +379,7 @@ def do_eval(args):
     import pandas as pd
     from finetune_lab import evaluate
     from finetune_lab.data import held_out_rows
+    from finetune_lab.metrics import probe_texts
     specs = {}
     for s in args.models:
         name, path = (s.split("=", 1) if "=" in s and not Path(s).exists() else (_stage_name(s), s))
@@ -386,7 +387,7 @@ def do_eval(args):
     for path in specs.values(): evaluate.resolve_model(path)    # one line, status 2, before any model loads
     rows = held_out_rows(args.data, args.split, args.seed) if args.data else held_out_rows("data/tickets_raw.jsonl", args.split or "test", args.seed)
     rows = rows[:args.test_rows or None]
-    probe = [t.strip() for t in Path(args.probe).read_text().split("\n\n") if t.strip()] if args.probe else []
+    probe = probe_texts(args.probe) if args.probe else []
     out = Path(args.out or "runs/eval")
     table, _ = evaluate.compare(specs, rows, out, args.bias_rows, probe, settings_from(args, evaluate.GenSettings), args.device)
     if args.json:

@@ -7,6 +7,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/metrics.html.md"""
 # %% ../nbs/02a_metrics.ipynb #ceded51f
 from __future__ import annotations
 import difflib, math, re
+from pathlib import Path
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable
@@ -19,8 +20,8 @@ __all__ = ['FIELDS', 'INVALID', 'TOXIC_TERMS', 'CUE_PAIRS', 'METRICS', 'QUICK_ME
            'schema_ok', 'Scored', 'field_hits', 'macro_f1', 'completed', 'summary_pairs', 'summary_bleu',
            'summary_rouge_l', 'toxic_terms', 'toxicity_rate', 'counterfactual_rows', 'flip_rate', 'mentions',
            'hallucinated', 'hallucination_rate', 'known_products', 'answer_logps', 'answer_perplexity', 'perplexity',
-           'Metric', 'register_metric', 'bootstrap_ci', 'change', 'score', 'row_values', 'fmt_score', 'stage_rows',
-           'quick_eval', 'brief', 'headline']
+           'probe_texts', 'Metric', 'register_metric', 'bootstrap_ci', 'change', 'score', 'row_values', 'fmt_score',
+           'stage_rows', 'quick_eval', 'brief', 'headline']
 
 # %% ../nbs/02a_metrics.ipynb #d2a62f45
 FIELDS = ("category", "priority", "product", "sentiment")   # the answer's labelled fields
@@ -209,6 +210,11 @@ def perplexity(model, tokenizer, texts:list[str], max_length:int=256) -> float:
         n = enc["input_ids"].shape[1] - 1
         total += loss.item() * n; count += n
     return math.exp(total / count)
+
+# %% ../nbs/02a_metrics.ipynb #2ed0c8d9
+def probe_texts(path:str|Path) -> list[str]:
+    "The paragraphs of a plain-text probe file (separated by blank lines), the texts `perplexity` measures forgetting on."
+    return [p.strip() for p in Path(path).read_text(encoding="utf-8").split("\n\n") if p.strip()]
 
 # %% ../nbs/02a_metrics.ipynb #07820da8
 @dataclass(frozen=True)

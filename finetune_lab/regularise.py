@@ -6,17 +6,11 @@ Docs: https://finetune-lab.github.io/finetune_lab/regularise.html.md"""
 
 # %% ../nbs/03d_regularise.ipynb #15f1675a
 from __future__ import annotations
-from pathlib import Path
 
 # %% auto #0
-__all__ = ['decay_left', 'probe_texts']
+__all__ = ['decay_left']
 
 # %% ../nbs/03d_regularise.ipynb #1340f3c6
 def decay_left(learning_rate:float, weight_decay:float, steps:int) -> float:
     "The share of a weight left after `steps` AdamW steps of decoupled weight decay alone (a constant rate: the most decay can do)."
     return (1 - learning_rate * weight_decay) ** steps
-
-# %% ../nbs/03d_regularise.ipynb #34adf495
-def probe_texts(path:str|Path) -> list[str]:
-    "The paragraphs of a plain-text probe file (separated by blank lines)."
-    return [p.strip() for p in Path(path).read_text(encoding="utf-8").split("\n\n") if p.strip()]

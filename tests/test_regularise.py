@@ -1,7 +1,8 @@
 "The regularisation lesson's helpers (03d_regularise): how much weight decay can shrink a weight, and the forgetting probe's paragraphs."
 from pathlib import Path
 import pytest
-from finetune_lab.regularise import decay_left, probe_texts
+from finetune_lab.metrics import probe_texts
+from finetune_lab.regularise import decay_left
 
 DATA = Path(__file__).parent.parent/"data"
 
