@@ -33,7 +33,7 @@ check-sync: sync  ## fail if the notebooks, library and README were not in sync
 lab: install  ## open the lessons in JupyterLab
 	$(BIN)/jupyter lab nbs
 
-NBS ?= 00_core.ipynb 01_models.ipynb 02_data.ipynb 02a_metrics.ipynb 02b_train.ipynb 03_sft.ipynb 03a_recipe.ipynb 03b_noise.ipynb 03c_datasize.ipynb 03d_regularise.ipynb 03e_convergence.ipynb 03f_federated.ipynb 04_dpo.ipynb 05_rlhf.ipynb 06_evaluate.ipynb 06a_bench.ipynb 06b_deploy.ipynb 06c_compress.ipynb 06d_hpo.ipynb 06e_cost.ipynb 06f_distributed.ipynb 07_pipeline.ipynb 08_cli.ipynb 09_docs.ipynb index.ipynb
+NBS ?= 00_core.ipynb 01_models.ipynb 02_data.ipynb 02a_metrics.ipynb 02b_train.ipynb 03_sft.ipynb 03a_recipe.ipynb 03b_noise.ipynb 03c_datasize.ipynb 03d_regularise.ipynb 03e_convergence.ipynb 03f_federated.ipynb 04_dpo.ipynb 05_rlhf.ipynb 06_evaluate.ipynb 06a_bench.ipynb 06b_deploy.ipynb 06c_compress.ipynb 06d_hpo.ipynb 06e_cost.ipynb 06f_distributed.ipynb 07_pipeline.ipynb 08_cli.ipynb 08a_reliability.ipynb 09_docs.ipynb index.ipynb
 outputs: install-dev  ## re-run notebooks on the real model (parameters-cell defaults) and keep their outputs
 	$(BIN)/nbdev-export
 	cd nbs && for nb in $(NBS); do FINETUNE_LAB_PROGRESS=0 ../$(BIN)/papermill --no-progress-bar $$nb $$nb || exit 1; done

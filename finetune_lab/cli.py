@@ -6,7 +6,7 @@ Docs: https://finetune-lab.github.io/finetune_lab/cli.html.md"""
 
 # %% ../nbs/08_cli.ipynb #d082b347
 from __future__ import annotations
-import argparse, contextlib, importlib, io, json, os, sys
+import argparse, contextlib, errno, importlib, io, json, os, sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from .core import FinetuneLabError, field_help, shown
@@ -495,6 +495,11 @@ def main(argv:list[str]=None # the arguments (default: `sys.argv[1:]`)
     except FinetuneLabError as e:
         if not quiet: print(f"finetune-lab: error: {e}", file=sys.stderr)
         return e.exit_code
+    except OSError as e:
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT): raise
+        print(f"finetune-lab: error: the disk is full (writing {shown(e.filename) if e.filename else 'a file'}); what was saved before is intact. "
+              "Fix: free disk space, or pass --out on another disk, and run again (with --resume to continue a training run)", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("finetune-lab: interrupted", file=sys.stderr)
         return 130

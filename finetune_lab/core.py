@@ -111,12 +111,22 @@ def seed_everything(seed:int=42 # the seed for `random`, NumPy and torch (CPU an
     return seed
 
 # %% ../nbs/00_core.ipynb #c9355bd5
+_CLAIMS = {}   # run folder -> the lock this process holds on it until it exits
+
 def claim_dir(path:str|Path,         # the run's folder
               resume:bool=False,     # continue the run it holds
               overwrite:bool=False   # delete the run it holds and start again
              ) -> Path:
-    "The folder for one run, created if needed; a folder that holds a run needs `resume` or `overwrite`."
-    path = Path(path)
+    "The folder for one run, created if needed and locked for this process; a folder that holds a run needs `resume` or `overwrite`."
+    from filelock import FileLock, Timeout
+    path = Path(path); key = path.resolve()
+    if key not in _CLAIMS:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(key.parent/f".{key.name}.lock"))   # beside the folder: it outlives an overwrite
+        try: lock.acquire(timeout=0)
+        except Timeout: raise FinetuneLabError(f"{path} is in use by another finetune-lab process",
+                                               fix="wait for that run to finish, or choose another folder") from None
+        _CLAIMS[key] = lock
     if path.exists() and any(path.iterdir()) and not (resume or overwrite):
         raise FinetuneLabError(f"{path} already holds a run",
                                fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to start again, or choose another folder")

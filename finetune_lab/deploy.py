@@ -14,10 +14,10 @@ from .evaluate import resolve_model
 from .models import merge_adapter
 
 # %% auto #0
-__all__ = ['GGUF_TYPES', 'QUANT_METHODS', 'merge_to_folder', 'answers', 'gguf_name', 'rope_pairs', 'export_gguf', 'load_gguf',
-           'Variant', 'Skipped', 'quantized', 'measure', 'deploy_table', 'plot_deploy', 'normalise_messages',
-           'ResponseCache', 'replay', 'check_request', 'front_door', 'check_port', 'prepare_for_serving', 'Server',
-           'load_test', 'plot_load']
+__all__ = ['GGUF_TYPES', 'QUANT_METHODS', 'ROLES', 'NUMBERS', 'merge_to_folder', 'answers', 'gguf_name', 'rope_pairs',
+           'export_gguf', 'load_gguf', 'Variant', 'Skipped', 'quantized', 'measure', 'deploy_table', 'plot_deploy',
+           'normalise_messages', 'ResponseCache', 'replay', 'check_request', 'front_door', 'check_port',
+           'prepare_for_serving', 'Server', 'load_test', 'plot_load']
 
 # %% ../nbs/06b_deploy.ipynb #c6a027d4
 def merge_to_folder(spec:str|Path,  # an adapter folder (over the base, or PPO/GRPO over an SFT adapter), a model folder or name
@@ -278,16 +278,29 @@ def _error(status:int, message:str):
     from starlette.responses import JSONResponse
     return JSONResponse({"error": {"message": message, "type": "invalid_request_error" if status < 500 else "server_error"}}, status_code=status)
 
-def check_request(body:bytes, max_request_bytes:int, max_tokens:int) -> tuple[dict|None, tuple[int, str]|None]:
+ROLES = ("system", "user", "assistant")
+NUMBERS = ("temperature", "top_p", "frequency_penalty", "presence_penalty")
+
+def check_request(body:bytes, max_request_bytes:int, max_tokens:int,
+                  max_messages:int=64,   # turns per request
+                  served:tuple=()        # the model names this server answers to (empty: any)
+                 ) -> tuple[dict|None, tuple[int, str]|None]:
     "A chat request's JSON with `max_tokens` set, or `(status, message)` saying why it is refused."
     if len(body) > max_request_bytes: return None, (413, f"request of {len(body):,} bytes; the limit is {max_request_bytes:,}")
     try: req = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as e: return None, (400, f"the body is not JSON ({e.msg if hasattr(e, 'msg') else e})")
     msgs = req.get("messages") if isinstance(req, dict) else None
-    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs):
-        return None, (400, "`messages` must be a non-empty list of {role, content} objects with text content")
+    if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) and m.get("role") in ROLES and isinstance(m.get("content"), str) for m in msgs):
+        return None, (400, f"`messages` must be a non-empty list of {{role, content}} objects with text content and a role in {', '.join(ROLES)}")
+    if len(msgs) > max_messages: return None, (400, f"{len(msgs)} messages; the limit is {max_messages}")
+    if served and req.get("model") is not None and req["model"] not in served: return None, (404, f"model {str(req['model'])[:80]!r} is not served here; ask for {served[0]!r} (GET /v1/models)")
     asked = req.get("max_tokens", req.get("max_completion_tokens"))
-    if asked is not None and (not isinstance(asked, int) or not 0 < asked <= max_tokens): return None, (400, f"max_tokens must be an integer from 1 to {max_tokens}")
+    if asked is not None and (isinstance(asked, bool) or not isinstance(asked, int) or not 0 < asked <= max_tokens): return None, (400, f"max_tokens must be an integer from 1 to {max_tokens}")
+    if bad := [k for k in NUMBERS if req.get(k) is not None and (isinstance(req[k], bool) or not isinstance(req[k], (int, float)))]: return None, (400, f"{bad[0]} must be a number")
+    if not isinstance(req.get("stream", False), bool): return None, (400, "stream must be true or false")
+    if req.get("seed") is not None and (isinstance(req["seed"], bool) or not isinstance(req["seed"], int)): return None, (400, "seed must be an integer")
+    stop = req.get("stop")
+    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and len(stop) <= 4 and all(isinstance(x, str) for x in stop))): return None, (400, "stop must be a string or a list of up to 4 strings")
     req["max_tokens"] = asked or max_tokens; req.pop("max_completion_tokens", None)
     return req, None
 
@@ -296,7 +309,7 @@ def front_door(backend:str,               # the URL of the `transformers serve` 
                model_id:str,              # the id the backend is pinned to
                name:str,                  # the model's name to clients
                cache:ResponseCache|None=None,
-               max_request_bytes:int=65536, max_tokens:int=256):
+               max_request_bytes:int=65536, max_tokens:int=256, max_messages:int=64):
     "The ASGI app in front of `transformers serve`: request limits, the response cache, the model's name."
     try: import httpx, starlette  # noqa: F401
     except ImportError as e: raise FinetuneLabError(f"serving needs {e.name}, which is not installed", fix="pip install 'finetune-lab[deploy]'") from None
@@ -310,7 +323,7 @@ def front_door(backend:str,               # the URL of the `transformers serve` 
         except httpx.HTTPError: return _error(503, "the model server is not answering")
     async def models(request): return JSONResponse({"object": "list", "data": [{"id": name, "object": "model", "owned_by": "finetune-lab"}]})
     async def chat(request):
-        req, err = check_request(await request.body(), max_request_bytes, max_tokens)
+        req, err = check_request(await request.body(), max_request_bytes, max_tokens, max_messages, (name, model_id))
         if err: return _error(*err)
         req["model"] = model_id
         cacheable = cache is not None and not req.get("stream") and req.get("temperature") == 0
@@ -351,7 +364,7 @@ def prepare_for_serving(spec:str|Path, out:str|Path, quantize:str=None) -> tuple
 class Server:
     "`transformers serve` on a private loopback port and the front door on `host:port`, both in the background; a context manager."
     def __init__(self, folder:str|Path, host:str="127.0.0.1", port:int=None, flags=(), cache:bool=True,
-                 continuous_batching:bool=False, max_tokens:int=256, max_request_bytes:int=65536, start_timeout:float=300):
+                 continuous_batching:bool=False, max_tokens:int=256, max_request_bytes:int=65536, start_timeout:float=300, max_messages:int=64):
         try: import uvicorn
         except ImportError: raise FinetuneLabError("serving needs uvicorn (transformers[serving]), which is not installed", fix="pip install 'finetune-lab[deploy]'") from None
         from finetune_lab.evaluate import fingerprint
@@ -364,7 +377,7 @@ class Server:
         self.proc = subprocess.Popen(cmd, stdout=self.log, stderr=subprocess.STDOUT, env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
         self._wait(f"http://127.0.0.1:{inner}/health", start_timeout)
         self.cache = ResponseCache(self.folder.parent/"serve-cache.sqlite", fingerprint(resolve_model(self.folder))) if cache else None
-        app = front_door(f"http://127.0.0.1:{inner}", str(self.folder), self.folder.name, self.cache, max_request_bytes, max_tokens)
+        app = front_door(f"http://127.0.0.1:{inner}", str(self.folder), self.folder.name, self.cache, max_request_bytes, max_tokens, max_messages)
         self.front = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="error"))
         self.thread = threading.Thread(target=self.front.run, daemon=True); self.thread.start()
         self._wait(f"{self.url}/health", 30)

@@ -12,7 +12,7 @@ from pathlib import Path
 from .core import FinetuneLabError, atomic_path, get_device, progress, shown, train_precision, write_json
 from .data import prompt_messages
 from .metrics import ANSWER_STOP, INVALID, METRICS, QUICK_METRICS, answer_perplexity, counterfactual_rows, known_products, label, parse, perplexity, row_values, score
-from .models import MODELS, generate, load_model, load_tokenizer, merge_adapter, prepare_model
+from .models import MODELS, check_adapter, check_weights, generate, load_model, load_tokenizer, merge_adapter, prepare_model
 
 # %% auto #0
 __all__ = ['ModelRef', 'resolve_model', 'eval_dtype', 'load_for_eval', 'fingerprint', 'GenerationCache', 'GenSettings',
@@ -45,6 +45,7 @@ def resolve_model(spec:str|Path) -> ModelRef:
     if s in MODELS: return ModelRef(s, "registry", prepare_model(s))
     if path.is_dir():
         if (path/"adapter_config.json").is_file():
+            check_adapter(path)   # no pickles, no shipped code
             cfg = json.loads((path/"adapter_config.json").read_text())
             base = cfg.get("base_model_name_or_path")
             if not base or not Path(base).is_dir():
@@ -57,7 +58,7 @@ def resolve_model(spec:str|Path) -> ModelRef:
                     if not (sft/"adapter_config.json").is_file():
                         raise FinetuneLabError(f"{path}: the SFT adapter it was trained over ({meta['sft_adapter']}) is missing", fix="keep the SFT run folder next to the PPO/GRPO run")
             return ModelRef(s, "adapter", path, Path(base), sft, _written_by_us(path))
-        if (path/"config.json").is_file(): return ModelRef(s, "folder", path, drop_system=_written_by_us(path))
+        if (path/"config.json").is_file(): return ModelRef(s, "folder", check_weights(path), drop_system=_written_by_us(path))
         raise FinetuneLabError(f"{path}: neither a model folder (config.json) nor an adapter folder (adapter_config.json)", fix="pass a model name, a saved model folder or an adapter folder")
     if path.exists(): raise FinetuneLabError(f"{path}: a file, not a model or adapter folder", fix="pass the folder that holds config.json or adapter_config.json")
     raise FinetuneLabError(f"{s}: no such folder, and not a known model name ({', '.join(MODELS)})", fix="pass a model name, a saved model folder or an adapter folder")

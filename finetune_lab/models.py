@@ -6,17 +6,17 @@ Docs: https://finetune-lab.github.io/finetune_lab/models.html.md"""
 
 # %% ../nbs/01_models.ipynb #a26f571a
 from __future__ import annotations
-import importlib.util, json, os, socket, time
+import importlib.util, json, os, shutil, socket, time
 from dataclasses import dataclass
 from pathlib import Path
 from .core import FinetuneLabError, atomic_path, get_device, get_dtype, progress, write_json
 
 # %% auto #0
-__all__ = ['MODELS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'MANIFEST', 'TINY_SHAPE', 'LICENCES', 'ModelSpec', 'cache_dir',
-           'bundled_gguf', 'write_manifest', 'folder_problem', 'prepare_tokenizer', 'build_tiny', 'check_decoder_only',
-           'prepare_model', 'check_chat_template', 'set_padding', 'contiguous_head', 'load_tokenizer', 'load_model',
-           'generate', 'check_adapter', 'merge_adapter', 'Licence', 'card_licence', 'model_licence', 'check_licence',
-           'model_facts']
+__all__ = ['MODELS', 'DEFAULT_MODEL', 'GGUF_PACKAGE', 'GGUF_FILE', 'MANIFEST', 'TINY_SHAPE', 'PICKLE_SUFFIXES', 'NOT_WEIGHTS',
+           'LICENCES', 'ModelSpec', 'cache_dir', 'bundled_gguf', 'write_manifest', 'folder_problem',
+           'prepare_tokenizer', 'build_tiny', 'check_decoder_only', 'prepare_model', 'pickle_allowed', 'check_weights',
+           'check_chat_template', 'set_padding', 'contiguous_head', 'load_tokenizer', 'load_model', 'generate',
+           'check_adapter', 'merge_adapter', 'Licence', 'card_licence', 'model_licence', 'check_licence', 'model_facts']
 
 # %% ../nbs/01_models.ipynb #080de2de
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ def _build_cached(folder:Path, build, force:bool=False, **info) -> Path:
     folder.parent.mkdir(parents=True, exist_ok=True)
     with FileLock(str(folder.parent/f".{folder.name}.lock")):
         if not force and folder_problem(folder) is None: return folder
+        for stale in folder.parent.glob(f".{folder.name}.tmp-*"): shutil.rmtree(stale, ignore_errors=True)   # a killed build's (we hold the lock)
         start = time.perf_counter()
         with atomic_path(folder) as tmp:
             tmp.mkdir()
@@ -182,10 +183,36 @@ def prepare_model(name:str=DEFAULT_MODEL, # registry name, local folder or hub i
         if not (path/"config.json").is_file():
             raise FinetuneLabError(f"{path} has no config.json, so it is not a Hugging Face model folder",
                                    fix="point at the folder that holds config.json and the weights")
-        return check_decoder_only(path).resolve()
-    if name.count("/") == 1 and not name.startswith((".", "/", "~")): return check_decoder_only(_from_hub(name))
+        return check_decoder_only(check_weights(path)).resolve()
+    if name.count("/") == 1 and not name.startswith((".", "/", "~")): return check_decoder_only(check_weights(_from_hub(name)))
     raise FinetuneLabError(f"unknown model {name!r}: not a registry name, a local folder or a hub id",
                            fix=f"use one of {', '.join(MODELS)}, a folder with config.json, or an id like org/name")
+
+# %% ../nbs/01_models.ipynb #15036924
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+NOT_WEIGHTS = ("training_args.bin",)   # the Trainer's settings, beside saved models; transformers and PEFT never load it
+
+def pickle_allowed() -> bool:
+    "Has the user opted in to pickle weight files (`FINETUNE_LAB_ALLOW_PICKLE=1`)?"
+    return os.environ.get("FINETUNE_LAB_ALLOW_PICKLE") == "1"
+
+# %% ../nbs/01_models.ipynb #3f97841f
+def check_weights(folder:Path # a model or adapter folder about to be loaded
+                 ) -> Path:
+    "`folder`, if loading it runs no code it ships: no `auto_map` in its configs, and safetensors/GGUF weights (pickles only with the opt-in)."
+    folder = Path(folder)
+    for name in ("config.json", "tokenizer_config.json", "adapter_config.json"):
+        try: cfg = json.loads((folder/name).read_text())
+        except (OSError, ValueError): continue   # absent or unreadable: the loader says so
+        if isinstance(cfg, dict) and cfg.get("auto_map"):
+            raise FinetuneLabError(f"{folder/name} asks to run Python code shipped with the model (auto_map); finetune_lab never runs it",
+                                   fix="use a model whose architecture transformers ships (a plain model_type, no auto_map)")
+    files = [p.name for p in folder.iterdir() if p.is_file()] if folder.is_dir() else []
+    pickles = [f for f in files if f.endswith(PICKLE_SUFFIXES) and f not in NOT_WEIGHTS]
+    if pickles and not any(f.endswith((".safetensors", ".gguf")) for f in files) and not pickle_allowed():
+        raise FinetuneLabError(f"{folder}: its weights are pickle files only ({', '.join(sorted(pickles)[:3])}), which can run code when loaded",
+                               fix="convert them to safetensors, or set FINETUNE_LAB_ALLOW_PICKLE=1 if you trust where they came from")
+    return folder
 
 # %% ../nbs/01_models.ipynb #bb041d2f
 def check_chat_template(tokenizer # a tokenizer with a chat template
@@ -325,10 +352,10 @@ def generate(model, tokenizer,
 # %% ../nbs/01_models.ipynb #97e11a73
 def check_adapter(path:str|Path # a folder that should hold a PEFT adapter
                  ) -> Path:
-    "`path` if it is a PEFT adapter folder, else a one-line error."
+    "`path` if it is a PEFT adapter folder that `check_weights` passes, else a one-line error."
     if not (Path(path)/"adapter_config.json").is_file():
         raise FinetuneLabError(f"{path}: not a PEFT adapter folder (no adapter_config.json)", fix="pass the adapter folder `finetune-lab sft` saved")
-    return Path(path)
+    return check_weights(Path(path))
 
 # %% ../nbs/01_models.ipynb #cf3eeaff
 def merge_adapter(name:str,             # the base model: registry name, local folder or hub id

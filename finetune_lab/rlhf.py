@@ -13,7 +13,7 @@ from transformers import TrainerCallback
 from .core import FinetuneLabError, atomic_path, write_json
 from . import data as fl_data
 from .metrics import ANSWER_STOP, answer_logps, label, parse, schema_ok
-from .models import generate, load_tokenizer, merge_adapter
+from .models import check_weights, generate, load_tokenizer, merge_adapter
 from .prefs import begin_pairs, fmt_pairs, pair_summary, pairs_dataset
 from .train import OfflineSettings, OnlineSettings, TrainResult, begin, fit, lora_config, trainer_args, training_callbacks
 
@@ -189,7 +189,7 @@ def ppo_models(model:str, adapter, reward_model, tok) -> tuple:
     "The policy (the base with the SFT adapter merged), the reward model (loaded if a folder), and the value model, started from it."
     import torch
     from transformers import AutoModelForSequenceClassification
-    if isinstance(reward_model, (str, Path)): reward_model = AutoModelForSequenceClassification.from_pretrained(str(reward_model), dtype=torch.float32)
+    if isinstance(reward_model, (str, Path)): reward_model = AutoModelForSequenceClassification.from_pretrained(str(check_weights(Path(reward_model))), dtype=torch.float32)
     policy, value = merge_adapter(model, adapter), copy.deepcopy(reward_model)
     for m in (policy, reward_model, value): m.config.pad_token_id = tok.pad_token_id
     policy.generation_config.pad_token_id = tok.pad_token_id

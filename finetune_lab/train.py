@@ -18,7 +18,8 @@ __all__ = ['METHODS', 'DONE', 'TrainSettings', 'OfflineSettings', 'OnlineSetting
            'lora_config', 'ia3_config', 'prompt_config', 'qlora_unavailable', 'load_4bit', 'method_unavailable',
            'get_method', 'MarkComplete', 'checkpoint_step', 'last_checkpoint', 'LivePlot', 'PeakMemory',
            'training_callbacks', 'trainer_args', 'rank', 'world_size', 'wait_for_everyone', 'weights_digest',
-           'RankDigest', 'resume_point', 'begin', 'save_trained', 'TrainResult', 'fit']
+           'RankDigest', 'resume_point', 'begin', 'save_trained', 'TrainResult', 'is_out_of_memory', 'memory_error',
+           'fit']
 
 # %% ../nbs/02b_train.ipynb #e3353275
 @dataclass
@@ -324,6 +325,19 @@ class TrainResult:
         "What a lesson prints: the saved fields but the log history, `output` shown relative to `root` (the run folder; see `core.shown`)."
         return {**{k: v for k, v in self.to_dict().items() if k != "log_history"}, "output": shown(self.output, root)}
 
+# %% ../nbs/02b_train.ipynb #6bf0d474
+def is_out_of_memory(e:BaseException) -> bool:
+    "Is `e` an allocation failure: CUDA or MPS out of memory, or the CPU allocator's?"
+    import torch
+    return isinstance(e, (torch.OutOfMemoryError, MemoryError)) or (isinstance(e, RuntimeError) and any(s in str(e) for s in ("out of memory", "can't allocate memory")))
+
+def memory_error(args, step:int, device:str) -> FinetuneLabError:
+    "The one-line error for a batch that does not fit at `step`, with a batch size and accumulation that keep its effective batch."
+    bs, ga = args.per_device_train_batch_size, args.gradient_accumulation_steps
+    fix = (f"pass --batch-size {bs // 2} --grad-accum {ga * 2} (the same effective batch), or a smaller --max-length" if bs > 1
+           else "pass a smaller --max-length, or train fewer weights (--method lora)")
+    return FinetuneLabError(f"out of memory at step {step} on {device}: a batch of {bs} rows does not fit", fix=fix)
+
 # %% ../nbs/02b_train.ipynb #de174a1f
 def fit(trainer,                  # a TRL trainer, set up
         out:Path,                 # the run folder
@@ -342,7 +356,11 @@ def fit(trainer,                  # a TRL trainer, set up
     ckpt = resume_point(Path(out)/"checkpoints") if resume else None
     counted = model if model is not None else trainer.model
     start = time.perf_counter()
-    with PeakMemory(device) as mem: trainer.train(**({"resume_from_checkpoint": str(ckpt)} if ckpt else {}))   # PPO's train takes no argument
+    try:
+        with PeakMemory(device) as mem: trainer.train(**({"resume_from_checkpoint": str(ckpt)} if ckpt else {}))   # PPO's train takes no argument
+    except (RuntimeError, MemoryError) as e:
+        if not is_out_of_memory(e): raise
+        raise memory_error(trainer.args, trainer.state.global_step + 1, device) from None
     seconds = time.perf_counter() - start
     trainable, total = sum(p.numel() for p in counted.parameters() if p.requires_grad), sum(p.numel() for p in counted.parameters())
     with (atomic_path(Path(out)/folder) if rank() == 0 else tempfile.TemporaryDirectory()) as tmp: kept = save(Path(tmp))   # every rank saves (ZeRO-3 gathers); rank 0's is kept

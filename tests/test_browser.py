@@ -62,9 +62,9 @@ def test_docs_site_home_and_lesson(browser, site):
     page.goto(f"{site}/index.html", wait_until="load")
     assert page.locator("main h1").first.inner_text().strip() == "finetune_lab"        # the README is the home page
     nav = page.eval_on_selector_all("nav ol li a", "els => els.map(e => e.getAttribute('href'))")
-    assert nav[:25] == ["index.html", "core.html", "models.html", "data.html", "metrics.html", "train.html", "sft.html", "recipe.html", "noise.html", "datasize.html", "regularise.html", "convergence.html",
+    assert nav[:26] == ["index.html", "core.html", "models.html", "data.html", "metrics.html", "train.html", "sft.html", "recipe.html", "noise.html", "datasize.html", "regularise.html", "convergence.html",
                         "federated.html", "dpo.html", "rlhf.html",
-                        "evaluate.html", "bench.html", "deploy.html", "compress.html", "hpo.html", "cost.html", "distributed.html", "pipeline.html", "cli.html", "docs.html"], nav   # the sidebar, in lesson order
+                        "evaluate.html", "bench.html", "deploy.html", "compress.html", "hpo.html", "cost.html", "distributed.html", "pipeline.html", "cli.html", "reliability.html", "docs.html"], nav   # the sidebar, in lesson order
     page.screenshot(path=str(SHOTS/"docs-home.png"), full_page=False)
 
     page.fill("#search", "LoRA adapter")                                              # search, then follow a hit

@@ -89,7 +89,7 @@ def test_server_answers_the_openai_client_and_caches(server, merged):
     from openai import OpenAI
     assert httpx.get(f"{server.url}/health").status_code == 200
     msgs = [{"role": "user", "content": "My order never arrived."}]
-    r = OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0)
+    r = OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model=server.folder.name, messages=msgs, max_tokens=8, temperature=0)
     assert r.model == merged.name and isinstance(r.choices[0].message.content, str)
     body = {"messages": msgs, "max_tokens": 8, "temperature": 0}
     hits = [httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=120).headers["x-cache"] for _ in range(2)]
@@ -99,10 +99,10 @@ def test_server_answers_the_openai_client_and_caches(server, merged):
 def test_server_streams_through_the_front_door(server, merged):
     from openai import OpenAI
     msgs = [{"role": "user", "content": "Where is my refund?"}]
-    chunks = list(OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0, stream=True))
+    chunks = list(OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model=server.folder.name, messages=msgs, max_tokens=8, temperature=0, stream=True))
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(chunks) > 2 and text                                  # token by token, not one reply
-    whole = OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model="any", messages=msgs, max_tokens=8, temperature=0)
+    whole = OpenAI(base_url=f"{server.url}/v1", api_key="x").chat.completions.create(model=server.folder.name, messages=msgs, max_tokens=8, temperature=0)
     assert text == whole.choices[0].message.content                   # the same greedy answer either way
 
 
@@ -114,6 +114,37 @@ def test_server_refuses_bad_requests_and_keeps_going(server):
     assert httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 17}, timeout=30).status_code == 400
     assert httpx.post(url, content=b"x" * 5000, timeout=30).status_code == 413
     assert httpx.post(url, json={"messages": [{"role": "user", "content": "x"}], "max_tokens": 4, "temperature": 0}, timeout=120).status_code == 200
+
+
+def test_soak_of_mixed_requests_leaves_the_server_healthy(server):
+    "500 requests, 8 at a time, three in four of them bad in a different way: every bad one gets its 4xx and a JSON error, every good one 200, memory flat."
+    import asyncio, httpx, psutil
+    assert server.url.startswith("http://127.0.0.1:")   # loopback unless told otherwise
+    url = f"{server.url}/v1/chat/completions"
+    msg = lambda i: {"role": "user", "content": f"ticket {i}: my order {i * 7919 % 10007} has not arrived"}
+    def body(i):   # (request body, status expected)
+        kind = i % 4
+        if kind == 0: return json.dumps({"messages": [msg(i)], "max_tokens": 2}).encode(), 200
+        if kind == 1: return [b"{nope", b"x" * 5000, b'{"messages": []}', json.dumps({"messages": [msg(i)], "model": "gpt-4"}).encode()][i // 4 % 4], None
+        if kind == 2: return json.dumps({"messages": [msg(i)] * 65}).encode(), 400
+        return json.dumps({"messages": [msg(i)], "temperature": "hot", "max_tokens": 2}).encode(), 400
+    async def soak(n, start):
+        sem = asyncio.Semaphore(8)
+        async with httpx.AsyncClient(timeout=120) as client:
+            async def one(i):
+                async with sem:
+                    b, want = body(i); r = await client.post(url, content=b, headers={"content-type": "application/json"})
+                    return want, r.status_code, r.json()
+            return await asyncio.gather(*(one(i) for i in range(start, start + n)))
+    backend = psutil.Process(server.proc.pid)
+    warm = asyncio.run(soak(100, 0)); rss_warm = backend.memory_info().rss
+    got = warm + asyncio.run(soak(400, 100)); rss_end = backend.memory_info().rss
+    assert len(got) == 500 and not [s for _, s, _ in got if s >= 500]
+    assert all(s == 200 for want, s, _ in got if want == 200) and sum(want == 200 for want, _, _ in got) == 125
+    bad = [(s, j) for want, s, j in got if want != 200]
+    assert all(400 <= s < 500 and j["error"]["message"] for s, j in bad) and {s for s, _ in bad} == {400, 404, 413}
+    assert httpx.get(f"{server.url}/health", timeout=30).status_code == 200
+    assert rss_end < rss_warm * 1.10, (rss_warm, rss_end)   # 400 more requests: the model server's memory does not grow
 
 
 def test_bounded_load_test(server):

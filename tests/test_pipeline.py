@@ -160,3 +160,22 @@ def test_every_lesson_reads_the_ci_profile_in_its_hidden_cell():
         nb = nbformat.read(str(d/s.notebook), as_version=4)
         i = next(i for i, c in enumerate(nb.cells) if "parameters" in c.metadata.get("tags", []))
         assert f'ci_parameters("{s.name}", globals())' in nb.cells[i + 1].source, s.notebook
+
+
+def test_a_killed_run_resumes_and_skips_its_finished_steps(nbs, tmp_path):
+    "`finetune-lab run` SIGKILLed during the dpo step (by that step's kernel, once), then `--resume`: data and sft are skipped, the rest runs."
+    import subprocess, sys
+    nb = nbformat.read(str(nbs/pipeline.STEPS["dpo"].notebook), as_version=4)
+    marker = tmp_path/"killed-once"
+    nb.cells.insert(2, nbformat.v4.new_code_cell(f'import os, signal\nfrom pathlib import Path\nif not Path({str(marker)!r}).exists():\n'
+                                                 f'    Path({str(marker)!r}).touch(); os.kill(os.getppid(), signal.SIGKILL)   # the kernel kills the run that started it'))
+    nbformat.write(nb, str(nbs/pipeline.STEPS["dpo"].notebook))
+    run, argv = tmp_path/"run", ["run", "--profile", "ci", "--nbs", str(nbs), "-p", f"data_path={nbs/'d.jsonl'}"]
+    kid = subprocess.run([sys.executable, "-c", f"from finetune_lab.cli import main; main({argv + ['--out', str(run)]!r})"], capture_output=True, text=True)
+    assert kid.returncode == -9 and marker.exists(), kid.stderr
+    assert (run/"steps"/"sft.json").is_file() and not (run/"steps"/"dpo.json").exists() and not (run/"metrics.json").exists()
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out): assert main([*argv, "--out", str(run), "--resume"]) == 0
+    lines = out.getvalue().splitlines()
+    assert sum("finished earlier: skipped" in l for l in lines) == 2 and [l.split()[1] for l in lines if "done in" in l] == ["dpo", "rlhf", "eval"], lines
+    assert set(json.loads((run/"metrics.json").read_text())["models"]) == {"base", "sft_lora", "dpo", "ppo"}
