@@ -12,8 +12,8 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'matmul_gflops', 'cpu_bf16_native', 'bf16_speedup',
-           'train_precision', 'get_dtype', 'precision_kwargs', 'seed_everything', 'claim_dir', 'atomic_path',
-           'write_json', 'shown', 'field_help', 'progress_on', 'progress', 'hush_dependency_notices',
+           'train_precision', 'get_dtype', 'precision_kwargs', 'seed_everything', 'atomic_path', 'write_json',
+           'clear_stale', 'claim_dir', 'shown', 'field_help', 'progress_on', 'progress', 'hush_dependency_notices',
            'show_figures_as_png']
 
 # %% ../nbs/00_core.ipynb #69a66dff
@@ -110,30 +110,6 @@ def seed_everything(seed:int=42 # the seed for `random`, NumPy and torch (CPU an
     set_seed(seed)
     return seed
 
-# %% ../nbs/00_core.ipynb #c9355bd5
-_CLAIMS = {}   # run folder -> the lock this process holds on it until it exits
-
-def claim_dir(path:str|Path,         # the run's folder
-              resume:bool=False,     # continue the run it holds
-              overwrite:bool=False   # delete the run it holds and start again
-             ) -> Path:
-    "The folder for one run, created if needed and locked for this process; a folder that holds a run needs `resume` or `overwrite`."
-    from filelock import FileLock, Timeout
-    path = Path(path); key = path.resolve()
-    if key not in _CLAIMS:
-        key.parent.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(key.parent/f".{key.name}.lock"))   # beside the folder: it outlives an overwrite
-        try: lock.acquire(timeout=0)
-        except Timeout: raise FinetuneLabError(f"{path} is in use by another finetune-lab process",
-                                               fix="wait for that run to finish, or choose another folder") from None
-        _CLAIMS[key] = lock
-    if path.exists() and any(path.iterdir()) and not (resume or overwrite):
-        raise FinetuneLabError(f"{path} already holds a run",
-                               fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to start again, or choose another folder")
-    if overwrite and not resume and path.exists(): shutil.rmtree(path)
-    path.mkdir(parents=True, exist_ok=True)
-    return path
-
 # %% ../nbs/00_core.ipynb #d649d759
 @contextmanager
 def atomic_path(path:str|Path # the file or folder to (re)place
@@ -162,6 +138,63 @@ def write_json(path:str|Path, # where to write
     import json
     with atomic_path(path) as tmp: Path(tmp).write_text(json.dumps(obj, **{"indent": 2, **kwargs}) + "\n")
     return Path(path)
+
+# %% ../nbs/00_core.ipynb #bdac8d9d
+_CLAIMS = {}   # run folder -> the lock this process holds on it until it exits (see `claim_dir`)
+
+def _held_elsewhere(d:Path) -> bool:
+    "Whether another live process holds `d`'s run-folder lock."
+    from filelock import FileLock, Timeout
+    lock = d.parent/f".{d.name}.lock"
+    if not lock.exists() or d.resolve() in _CLAIMS: return False
+    probe = FileLock(str(lock))
+    try: probe.acquire(timeout=0)
+    except Timeout: return True
+    probe.release()
+    return False
+
+# %% ../nbs/00_core.ipynb #8ceb3884
+_LEFTOVER = re.compile(r"\.(.+)\.(tmp|old)-[0-9a-f]{8}")   # the names `atomic_path` writes under
+
+def clear_stale(folder:str|Path # a folder killed writers may have written in
+               ) -> list[str]:
+    "Delete killed `atomic_path` temporaries under `folder` and put back a folder moved aside whose replacement never arrived; returns what it touched."
+    folder, done = Path(folder), []
+    for root, dirs, files in os.walk(folder):
+        root = Path(root)
+        for name in dirs + files:
+            m, p = _LEFTOVER.fullmatch(name), root/name
+            if not m: continue
+            if m[2] == "old" and not (root/m[1]).exists(): os.replace(p, root/m[1])
+            elif p.is_dir(): shutil.rmtree(p, ignore_errors=True)
+            else: p.unlink(missing_ok=True)
+            done.append(str(p.relative_to(folder)))
+        dirs[:] = [n for n in dirs if (root/n).is_dir() and not _held_elsewhere(root/n)]
+    return sorted(done)
+
+# %% ../nbs/00_core.ipynb #c9355bd5
+def claim_dir(path:str|Path,         # the run's folder
+              resume:bool=False,     # continue the run it holds
+              overwrite:bool=False   # delete the run it holds and start again
+             ) -> Path:
+    "The folder for one run, created if needed and locked for this process; a folder that holds a run needs `resume` or `overwrite`."
+    from filelock import FileLock, Timeout
+    path = Path(path); key = path.resolve()
+    fresh = key not in _CLAIMS
+    if fresh:
+        key.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(str(key.parent/f".{key.name}.lock"))   # beside the folder: it outlives an overwrite
+        try: lock.acquire(timeout=0)
+        except Timeout: raise FinetuneLabError(f"{path} is in use by another finetune-lab process",
+                                               fix="wait for that run to finish, or choose another folder") from None
+        _CLAIMS[key] = lock
+    if path.exists() and any(path.iterdir()) and not (resume or overwrite):
+        raise FinetuneLabError(f"{path} already holds a run",
+                               fix="pass resume=True (--resume) to continue it, overwrite=True (--overwrite) to start again, or choose another folder")
+    if overwrite and not resume and path.exists(): shutil.rmtree(path)
+    elif resume and fresh and path.is_dir(): clear_stale(path)   # we hold it now: a temporary in it is a killed process's
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 # %% ../nbs/00_core.ipynb #295d6544
 def shown(path:str|Path,        # a file or folder

@@ -122,6 +122,20 @@ def child(kind, *args):
             self.fout[0].write(b"\0" * 1000); self.fout[0].flush(); os.kill(os.getpid(), signal.SIGKILL)
         gguf.GGUFWriter.write_tensors_to_file = half
         export_gguf(prepare_model("tiny"), args[0])
+    elif kind == "kill-replace":              # replace run/adapter; SIGKILL inside the block or between the folder's two renames
+        import finetune_lab.core as core
+        run, when = Path(args[0]), args[1]
+        claim_dir(run, resume=True)
+        if when == "between":
+            real = core.os.replace
+            calls = []
+            def replace(a, b):
+                calls.append(a); real(a, b)
+                if len(calls) == 1: os.kill(os.getpid(), signal.SIGKILL)   # the old folder moved aside, the new one not yet in
+            core.os.replace = replace
+        with core.atomic_path(run/"adapter") as tmp:
+            tmp.mkdir(); (tmp/"w.safetensors").write_text("new")
+            if when == "inside": os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "train":                     # train, SIGKILLed at a step or during a checkpoint's save
         train(args[0], Path(args[1]), args[2])
 
@@ -159,6 +173,19 @@ def test_a_killed_conversion_leaves_no_folder_that_loads(tmp_path, monkeypatch):
     assert prepare_model("tiny") == folder and folder_problem(folder) is None
     assert not [p for p in folder.parent.iterdir() if ".tmp-" in p.name]   # the next build cleared the killed one's leftovers
     load_model("tiny", "generate")
+
+
+@pytest.mark.parametrize("when", ["inside", "between"])
+def test_a_killed_writer_in_a_run_folder_is_tidied_by_the_next_claim(when, tmp_path):
+    run = tmp_path/"run"; (run/"adapter").mkdir(parents=True); (run/"adapter"/"w.safetensors").write_text("previous")
+    kid = spawn("kill-replace", run, when); kid.wait()
+    assert kid.returncode == -signal.SIGKILL
+    left = sorted(p.name.split("-")[0] for p in run.iterdir() if p.name.startswith("."))
+    assert left == ([".adapter.tmp"] if when == "inside" else [".adapter.old", ".adapter.tmp"])
+    assert (run/"adapter").exists() == (when == "inside")    # between the renames the real name is missing
+    assert claim_dir(run, resume=True) == run
+    assert [p.name for p in run.iterdir()] == ["adapter"]    # leftovers gone ...
+    assert (run/"adapter"/"w.safetensors").read_text() == "previous"   # ... and the previous result back under its name
 
 
 @pytest.mark.parametrize("kind,name", [("kill-merge", "merged"), ("kill-gguf", "model.gguf")])
