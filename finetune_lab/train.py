@@ -17,9 +17,9 @@ from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtyp
 __all__ = ['METHODS', 'DONE', 'TrainSettings', 'OfflineSettings', 'OnlineSettings', 'load_base', 'Method', 'register_method',
            'lora_config', 'ia3_config', 'prompt_config', 'qlora_unavailable', 'load_4bit', 'method_unavailable',
            'get_method', 'MarkComplete', 'checkpoint_step', 'last_checkpoint', 'LivePlot', 'PeakMemory',
-           'training_callbacks', 'trainer_args', 'rank', 'world_size', 'wait_for_everyone', 'weights_digest',
-           'RankDigest', 'resume_point', 'begin', 'save_trained', 'TrainResult', 'is_out_of_memory', 'memory_error',
-           'fit']
+           'training_callbacks', 'trainer_args', 'rank', 'world_size', 'wait_for_everyone', 'agree_precision',
+           'weights_digest', 'RankDigest', 'resume_point', 'begin', 'save_trained', 'TrainResult', 'is_out_of_memory',
+           'memory_error', 'fit']
 
 # %% ../nbs/02b_train.ipynb #e3353275
 @dataclass
@@ -256,6 +256,19 @@ def wait_for_everyone():
         from accelerate import PartialState
         PartialState().wait_for_everyone()
 
+# %% ../nbs/02b_train.ipynb #5b7d0e3a
+def agree_precision(device:str # the device this run trains on
+                   ) -> str:
+    "The training precision every process of one run uses: rank 0's `train_precision`, sent to the others (each keeps it as `FINETUNE_LAB_PRECISION`)."
+    if world_size() == 1 or device != "cpu" or os.environ.get("FINETUNE_LAB_PRECISION"): return train_precision(device)
+    import torch.distributed as dist
+    from accelerate import PartialState
+    PartialState()   # joins the process group torchrun or accelerate launch set up
+    choice = [train_precision(device) if rank() == 0 else None]
+    dist.broadcast_object_list(choice, src=0)
+    os.environ["FINETUNE_LAB_PRECISION"] = choice[0]
+    return choice[0]
+
 # %% ../nbs/02b_train.ipynb #9b483bed
 def weights_digest(model) -> str:
     "A short SHA-256 of the model's trainable weights, in name order: equal digests, equal weights."
@@ -282,7 +295,7 @@ def resume_point(folder:Path) -> Path|None:
 def begin(s:TrainSettings, out_dir:str|Path, resume:bool=False, overwrite:bool=False,
           model:str=None  # the base model: its licence is checked first (`models.check_licence`) and kept in the run folder
          ) -> tuple[str, Path]:
-    "Start a run: the base model's licence checked, its device, its claimed folder (see `claim_dir`; with several processes rank 0 claims it, the others wait), every generator seeded."
+    "Start a run: the base model's licence checked, its device, its claimed folder (see `claim_dir`; with several processes rank 0 claims it, the others wait), one precision for every process (`agree_precision`), every generator seeded."
     from finetune_lab.models import check_licence
     device = get_device(s.device)
     if rank() == 0:
@@ -290,6 +303,7 @@ def begin(s:TrainSettings, out_dir:str|Path, resume:bool=False, overwrite:bool=F
         claim_dir(out_dir, resume, overwrite)
         if lic: write_json(Path(out_dir)/"licence.json", asdict(lic))
     wait_for_everyone()
+    agree_precision(device)
     seed_everything(s.seed)
     return device, Path(out_dir)
 

@@ -48,6 +48,28 @@ def test_accelerate_launch_multi_gpu_gives_two_gloo_ranks_on_cpu(data, tmp_path)
     assert D.ranks_agree(tmp_path/"run") == {"ranks": 2, "steps checked": 2, "agree": True, "first_difference": None}
 
 
+PRECISION_SCRIPT = """
+import os, sys
+from pathlib import Path
+import finetune_lab.core as C
+C.cpu_bf16_native = lambda: True
+C.bf16_speedup = lambda *a, **k: 3.0 if os.environ["RANK"] == "0" else 1.0   # the two processes time bf16 differently
+from finetune_lab.train import TrainSettings, begin
+begin(TrainSettings(device="cpu"), sys.argv[1])
+Path(sys.argv[1], "precision-" + os.environ["RANK"]).write_text(C.train_precision("cpu"))
+"""
+
+
+def test_ranks_that_time_bf16_differently_train_in_one_precision(tmp_path):
+    import os, subprocess, sys
+    script = tmp_path/"ranks.py"; script.write_text(PRECISION_SCRIPT)
+    env = {k: v for k, v in os.environ.items() if k != "FINETUNE_LAB_PRECISION"} | {"OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", str(script), str(tmp_path/"run")],
+                       capture_output=True, text=True, env=env, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert [(tmp_path/"run"/f"precision-{k}").read_text() for k in (0, 1)] == ["bf16", "bf16"]   # rank 0's measurement, on both
+
+
 def test_shipped_accelerate_configs_match_the_lesson_and_accelerate(tmp_path):
     for name in D.ACCELERATE_CONFIGS:
         shipped = ROOT/"configs"/"accelerate"/f"{name}.yaml"
