@@ -246,8 +246,12 @@ DEPENDENCY_NOTICES = ("`is_gradient_checkpointing` is deprecated", "`gradient_ch
                       "There were missing keys in the checkpoint model loaded: ['lm_head.weight'].",
                       # torchao (installed for the deploy lesson) is imported by peft whenever it is installed: its CUDA
                       # kernels cannot load on a CPU build, and it registers enums the way torch 2.13 calls deprecated
-                      "/torchao/_C", "is an Enum subclass and is now natively supported by torch.compile")
-_NOTICE_LOGGERS = ("transformers.utils.generic", "transformers.generation.utils", "transformers.trainer", "torchao", "torch.utils._pytree")   # where the log-line notices come from
+                      "/torchao/_C", "is an Enum subclass and is now natively supported by torch.compile",
+                      # bitsandbytes (deploy lesson; imported by peft) on a CPU with AVX512-BF16 asks the `kernels` package for a
+                      # hub kernel at import; kernels refuses it as untrusted remote code (as we would) and bitsandbytes uses its own
+                      "Failed to load CPU gemm_4bit_forward from kernels-community")
+_NOTICE_LOGGERS = ("transformers.utils.generic", "transformers.generation.utils", "transformers.trainer", "torchao", "torch.utils._pytree",
+                   "bitsandbytes.backends.cpu.ops")   # where the log-line notices come from
 
 class _DropNotices(logging.Filter):
     def filter(self, record): return not any(n in record.getMessage() for n in DEPENDENCY_NOTICES)
