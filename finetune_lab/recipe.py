@@ -13,7 +13,8 @@ from .metrics import bootstrap_ci
 
 # %% auto #0
 __all__ = ['PRIORITY_LAST', 'line_patterns', 'tone_cue', 'field_prompt', 'choice_probs', 'next_choice', 'FieldWatch', 'by_group',
-           'with_answer', 'reorder_answer', 'reorder_splits', 'plot_groups', 'pick_examples', 'with_examples']
+           'with_answer', 'reorder_answer', 'reorder_splits', 'value_positions', 'field_loss', 'plot_groups',
+           'pick_examples', 'with_examples']
 
 # %% ../nbs/03a_recipe.ipynb #e3fa7a85
 def line_patterns(templates:list[str]) -> re.Pattern:
@@ -52,14 +53,15 @@ def next_choice(model, tok, texts:list[str], choices:list[str], batch_size:int=1
 from transformers import TrainerCallback
 
 class FieldWatch(TrainerCallback):
-    "At each evaluation: the share of `rows` whose `field` the model picks right (`next_choice`, teacher-forced), kept in `history`."
+    "At each evaluation: the share of `rows` whose `field` the model picks right (`next_choice`, teacher-forced), kept in `history` and added to the metrics as `eval_<field>_accuracy`."
     def __init__(self, tok, rows:list[dict], field:str, choices:list[str]):
         self.tok, self.field, self.choices, self.history = tok, field, list(choices), []
         self.texts = [field_prompt(tok, r, field) for r in rows]
         self.gold = [get_label(r, field) for r in rows]
-    def on_evaluate(self, args, state, control, model=None, **kw):
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kw):
         picks = next_choice(model, self.tok, self.texts, self.choices)
         self.history.append((state.global_step, sum(p == g for p, g in zip(picks, self.gold)) / len(self.gold)))
+        if metrics is not None: metrics[f"eval_{self.field}_accuracy"] = self.history[-1][1]   # what early stopping and the best checkpoint can read
 
 # %% ../nbs/03a_recipe.ipynb #8eaa6236
 def by_group(hits:list, groups:list[str]) -> dict[str, dict]:
@@ -87,6 +89,26 @@ def reorder_answer(row:dict, order=PRIORITY_LAST) -> dict:
 def reorder_splits(splits:dict[str, list[dict]], order=PRIORITY_LAST) -> dict[str, list[dict]]:
     "Every split's rows with their answers' keys in `order`."
     return {name: [reorder_answer(r, order) for r in rows] for name, rows in splits.items()}
+
+# %% ../nbs/03a_recipe.ipynb #411f03e8
+def value_positions(ids:list[int], key:list[int]) -> list[int]:
+    "Indices in `ids` right after each occurrence of the token run `key`: where a field's value starts."
+    n = len(key)
+    return [i + n for i in range(len(ids) - n) if ids[i:i + n] == key]
+
+# %% ../nbs/03a_recipe.ipynb #4d09043e
+def field_loss(tok, field:str, weight:float):
+    "A `compute_loss_func` for TRL: mean next-token cross-entropy over the answer tokens, the first token of `field`'s value counting `weight` times."
+    import torch
+    key = tok(f'"{field}": "', add_special_tokens=False)["input_ids"][1:]   # without the opening quote, which may merge with what precedes it
+    def loss(outputs, labels, num_items_in_batch=None):
+        logits, tgt = outputs.logits[:, :-1].float(), labels[:, 1:]
+        ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, ignore_index=-100, reduction="none")
+        w = (tgt != -100).float()
+        for b, row in enumerate(tgt.tolist()):
+            for i in value_positions(row, key): w[b, i] *= weight
+        return (ce * w).sum() / (num_items_in_batch if num_items_in_batch is not None else (tgt != -100).sum())
+    return loss
 
 # %% ../nbs/03a_recipe.ipynb #bbaeb9a6
 def plot_groups(results:dict[str, dict[str, dict]],   # run name -> `by_group` output

@@ -26,12 +26,12 @@ def to_prompt_completion(rows:list[dict]):
     return Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in rows])
 
 # %% ../nbs/03_sft.ipynb #11cbc73f
-def sft_trainer(model, tok, args, train_rows:list[dict], val_rows:list[dict], peft_config=None, callbacks=()):
-    "TRL's `SFTTrainer` on prompt/completion rows: the loss is on the answers only."
+def sft_trainer(model, tok, args, train_rows:list[dict], val_rows:list[dict], peft_config=None, callbacks=(), loss_func=None):
+    "TRL's `SFTTrainer` on prompt/completion rows: the loss is on the answers only (`loss_func`: TRL's `compute_loss_func`, else its own)."
     from trl import SFTTrainer
     return SFTTrainer(model=model, args=args, train_dataset=to_prompt_completion(train_rows),
                       eval_dataset=to_prompt_completion(val_rows) if val_rows else None,
-                      processing_class=tok, peft_config=peft_config, callbacks=list(callbacks))
+                      processing_class=tok, peft_config=peft_config, callbacks=list(callbacks), compute_loss_func=loss_func)
 
 # %% ../nbs/03_sft.ipynb #1ff92af5
 @dataclass
@@ -56,7 +56,9 @@ def train_sft(model:str,                 # registry name, local folder or hub id
               resume:bool=False,         # continue from the newest complete checkpoint in `out_dir`
               overwrite:bool=False,      # replace a finished run in `out_dir`
               live_plot:bool=True,       # redraw the loss curves in a notebook
-              extra_callbacks:list=()) -> TrainResult:
+              extra_callbacks:list=(),   # more `TrainerCallback`s (one may add a validation metric, e.g. 03a's `FieldWatch`)
+              loss_func=None,            # a custom loss, `compute_loss_func(outputs, labels, num_items_in_batch)` (e.g. 03a's `field_loss`)
+              select_on:str="eval_loss") -> TrainResult: # the validation metric that picks the best checkpoint and stops early (lower is better only for a loss)
     "Fine-tune `model` on `data` with TRL's SFTTrainer; saves an adapter or model folder under `out_dir`."
     from trl import SFTConfig
     s = config or SFTSettings()
@@ -68,10 +70,11 @@ def train_sft(model:str,                 # registry name, local folder or hub id
     val = splits.get("val", [])[:s.eval_rows]
     path, tok = prepare_model(model), load_tokenizer(model, "train")
     args = trainer_args(SFTConfig, s, out, device, bool(val), weight_decay=s.weight_decay, load_best_model_at_end=bool(val),
-                        metric_for_best_model="eval_loss", greater_is_better=False, include_num_input_tokens_seen="non_padding",
-                        train_sampling_strategy="group_by_length" if s.group_by_length else "random")
+                        metric_for_best_model=select_on, greater_is_better=not select_on.endswith("loss"), include_num_input_tokens_seen="non_padding",
+                        train_sampling_strategy="group_by_length" if s.group_by_length else "random",
+                        **({"loss_type": "nll"} if loss_func else {}))   # TRL's default chunked loss bypasses `compute_loss_func`
     callbacks = training_callbacks(out, f"{s.method}: loss", live_plot, s.patience, bool(val), extra_callbacks)
-    trainer = sft_trainer(method.load_model(path, s), tok, args, splits["train"], val, method.peft(s, path) if method.peft else None, callbacks)
+    trainer = sft_trainer(method.load_model(path, s), tok, args, splits["train"], val, method.peft(s, path) if method.peft else None, callbacks, loss_func)
     return fit(trainer, out, "sft", method.output, lambda tmp: save_trained(trainer, tok, tmp), device, resume, method=s.method)
 
 # %% ../nbs/03_sft.ipynb #1a939490

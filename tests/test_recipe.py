@@ -1,4 +1,4 @@
-"The recipe lesson's helpers (03a_recipe): answer field order, tone cues, few-shot prompts. No model needed."
+"The recipe lesson's helpers (03a_recipe): answer field order, tone cues, few-shot prompts, the weighted loss and choosing a checkpoint on a watched field (tiny model)."
 import json, re, importlib.util
 from pathlib import Path
 import pytest
@@ -78,3 +78,44 @@ def test_next_choice_is_greedy_decoding(rows):
         with torch.no_grad(): logits = model(**tok(t, return_tensors="pt", add_special_tokens=False)).logits[0, -1]
         assert choices[int(logits[first].argmax())] == p
     with pytest.raises(ValueError): next_choice(model, tok, texts, ["high", "high priority"])
+
+def test_field_loss_weighs_only_the_value_token(rows):
+    "Weight 1 is the usual mean cross-entropy; weight w adds (w − 1) × the loss of the first priority-value token, over the same count; a row without the field is unchanged."
+    import torch
+    from types import SimpleNamespace
+    from finetune_lab.models import load_tokenizer
+    from finetune_lab.recipe import field_loss, value_positions
+    tok = load_tokenizer("tiny", "train")
+    ids = tok(answer_text(rows[0]), add_special_tokens=False)["input_ids"]
+    labels = torch.tensor([[-100, -100, *ids]]); logits = torch.randn(1, labels.shape[1], len(tok))
+    ce = torch.nn.functional.cross_entropy(logits[0, :-1], labels[0, 1:], ignore_index=-100, reduction="none")
+    (at,) = value_positions(labels[0, 1:].tolist(), tok('"priority": "', add_special_tokens=False)["input_ids"][1:])
+    assert tok.decode(labels[0, 1:][at]).strip() and get_label(rows[0], "priority").startswith(tok.decode(labels[0, 1:][at]).strip())
+    n = (labels[0, 1:] != -100).sum()
+    loss = lambda w, lab=labels: field_loss(tok, "priority", w)(SimpleNamespace(logits=logits), lab).item()
+    assert loss(1) == pytest.approx((ce.sum() / n).item(), rel=1e-5)
+    assert loss(10) == pytest.approx(((ce.sum() + 9 * ce[at]) / n).item(), rel=1e-5)
+    other = torch.tensor([[-100, -100, *tok('{"category": "billing", "summary": "x"}', add_special_tokens=False)["input_ids"]]])
+    other = torch.nn.functional.pad(other, (0, labels.shape[1] - other.shape[1]), value=-100)
+    assert loss(10, other) == pytest.approx(loss(1, other), rel=1e-6)
+
+def test_the_best_checkpoint_follows_a_metric_a_callback_adds(rows, tmp_path):
+    "`select_on` names a metric a callback writes at each evaluation: the kept checkpoint is its best step, not the loss's; FieldWatch writes `eval_priority_accuracy`."
+    from transformers import TrainerCallback
+    from finetune_lab.data import check_answer
+    from finetune_lab.sft import SFTSettings, train_sft
+    class Made(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kw): metrics["eval_made"] = {1: 0.1, 2: 0.9, 3: 0.2, 4: 0.3}[state.global_step]
+    ok = [r for r in rows[:80] if check_answer(r) is None]
+    splits = {"train": ok[:16], "val": ok[16:20]}
+    cfg = SFTSettings(method="lora", max_steps=4, batch_size=4, eval_steps=1, eval_rows=4, patience=None)
+    res = train_sft("tiny", splits, cfg, tmp_path/"made", live_plot=False, extra_callbacks=[Made()], select_on="eval_made")
+    assert res.trainer.state.best_global_step == 2 and res.steps == 4
+    res = train_sft("tiny", splits, SFTSettings(**{**vars(cfg), "patience": 1}), tmp_path/"stop", live_plot=False, extra_callbacks=[Made()], select_on="eval_made")
+    assert res.steps == 3                                                  # no better than step 2 at step 3: early stopping (patience 1) ends it
+    from types import SimpleNamespace
+    from finetune_lab.models import load_model, load_tokenizer
+    from finetune_lab.recipe import FieldWatch
+    watch, metrics = FieldWatch(load_tokenizer("tiny", "generate"), ok[:4], "priority", ["low", "medium", "high", "urgent"]), {}
+    watch.on_evaluate(None, SimpleNamespace(global_step=7), None, model=load_model("tiny")[0], metrics=metrics)
+    assert metrics == {"eval_priority_accuracy": watch.history[-1][1]} and watch.history[-1][0] == 7
