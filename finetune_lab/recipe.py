@@ -1,4 +1,4 @@
-"""Why the priority field lagged behind the others, found with measurements and fixed in the recipe; and when fine-tuning beats putting examples in the prompt.
+"""Why the priority field lags behind the others, found with measurements, and what changes to the recipe do and do not fix; and when fine-tuning beats putting examples in the prompt.
 
 Docs: https://finetune-lab.github.io/finetune_lab/recipe.html.md"""
 
