@@ -18,8 +18,8 @@ __all__ = ['METHODS', 'DONE', 'TrainSettings', 'OfflineSettings', 'OnlineSetting
            'lora_config', 'ia3_config', 'prompt_config', 'qlora_unavailable', 'load_4bit', 'method_unavailable',
            'get_method', 'MarkComplete', 'checkpoint_step', 'last_checkpoint', 'LivePlot', 'PeakMemory',
            'training_callbacks', 'trainer_args', 'rank', 'world_size', 'wait_for_everyone', 'agree_precision',
-           'weights_digest', 'RankDigest', 'resume_point', 'begin', 'save_trained', 'TrainResult', 'is_out_of_memory',
-           'memory_error', 'fit']
+           'run_precision', 'recorded_precision', 'weights_digest', 'RankDigest', 'resume_point', 'begin',
+           'save_trained', 'TrainResult', 'is_out_of_memory', 'memory_error', 'fit']
 
 # %% ../nbs/02b_train.ipynb #e3353275
 @dataclass
@@ -260,7 +260,7 @@ def wait_for_everyone():
 def agree_precision(device:str # the device this run trains on
                    ) -> str:
     "The training precision every process of one run uses: rank 0's `train_precision`, sent to the others (each keeps it as `FINETUNE_LAB_PRECISION`)."
-    if world_size() == 1 or device != "cpu" or os.environ.get("FINETUNE_LAB_PRECISION"): return train_precision(device)
+    if world_size() == 1 or device != "cpu": return train_precision(device)
     import torch.distributed as dist
     from accelerate import PartialState
     PartialState()   # joins the process group torchrun or accelerate launch set up
@@ -268,6 +268,32 @@ def agree_precision(device:str # the device this run trains on
     dist.broadcast_object_list(choice, src=0)
     os.environ["FINETUNE_LAB_PRECISION"] = choice[0]
     return choice[0]
+
+# %% ../nbs/02b_train.ipynb #7c3e9a51
+_RESUMED = None   # the precision a resumed run fixed in this process: the next run measures again
+
+def run_precision(device:str,          # the device this run trains on
+                  folder:str|Path,     # the run's folder: `precision.json` there records the choice
+                  resume:bool=False    # a resumed run trains in the recorded precision
+                 ) -> str:
+    "The run's training precision: on a resume, the one recorded in `folder` when it started; else `agree_precision`'s, recorded there."
+    global _RESUMED
+    key, rec = "FINETUNE_LAB_PRECISION", Path(folder)/"precision.json"
+    if _RESUMED and os.environ.get(key) == _RESUMED: del os.environ[key]
+    _RESUMED = None
+    if resume and device == "cpu" and rank() == 0 and rec.exists():
+        os.environ[key] = _RESUMED = recorded_precision(rec)
+    p = agree_precision(device)
+    if rank() == 0: write_json(rec, {"device": device, "precision": p})
+    return p
+
+def recorded_precision(rec:Path) -> str:
+    "The precision `precision.json` names; a clear error when it names none."
+    try: p = json.loads(Path(rec).read_text())["precision"]
+    except (ValueError, KeyError, TypeError): p = None
+    if p not in ("fp32", "bf16"):
+        raise FinetuneLabError(f"{rec} does not name a training precision (fp32 or bf16)", fix=f"delete {Path(rec).name} and resume: the precision is then measured again")
+    return p
 
 # %% ../nbs/02b_train.ipynb #9b483bed
 def weights_digest(model) -> str:
@@ -295,7 +321,7 @@ def resume_point(folder:Path) -> Path|None:
 def begin(s:TrainSettings, out_dir:str|Path, resume:bool=False, overwrite:bool=False,
           model:str=None  # the base model: its licence is checked first (`models.check_licence`) and kept in the run folder
          ) -> tuple[str, Path]:
-    "Start a run: the base model's licence checked, its device, its claimed folder (see `claim_dir`; with several processes rank 0 claims it, the others wait), one precision for every process (`agree_precision`), every generator seeded."
+    "Start a run: the base model's licence checked, its device, its claimed folder (see `claim_dir`; with several processes rank 0 claims it, the others wait), one precision for every process and for every start of it (`run_precision`), every generator seeded."
     from finetune_lab.models import check_licence
     device = get_device(s.device)
     if rank() == 0:
@@ -303,7 +329,7 @@ def begin(s:TrainSettings, out_dir:str|Path, resume:bool=False, overwrite:bool=F
         claim_dir(out_dir, resume, overwrite)
         if lic: write_json(Path(out_dir)/"licence.json", asdict(lic))
     wait_for_everyone()
-    agree_precision(device)
+    run_precision(device, out_dir, resume)
     seed_everything(s.seed)
     return device, Path(out_dir)
 

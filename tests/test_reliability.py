@@ -276,7 +276,9 @@ def last_loss(res) -> float: return [h["loss"] for h in res.log_history if "loss
 
 
 @pytest.mark.parametrize("kind,kill", [("sft", "step-%d"), ("dpo", "step-%d"), ("reward", "save-4")])
-def test_a_killed_trainer_resumes_to_the_uninterrupted_loss(kind, kill, tmp_path):
+def test_a_killed_trainer_resumes_to_the_uninterrupted_loss(kind, kill, tmp_path, monkeypatch):
+    from finetune_lab.core import train_precision
+    monkeypatch.setenv("FINETUNE_LAB_PRECISION", train_precision("cpu"))   # the uninterrupted run is another process: one precision for all (the next test is about the precision)
     kill = kill % random.Random(f"19-{kind}").choice([3, 5]) if "%d" in kill else kill   # a seeded random step between checkpoints
     whole = train(kind, tmp_path/"whole")
     kid = spawn("train", kind, tmp_path/"killed", kill); kid.wait()
@@ -286,6 +288,22 @@ def test_a_killed_trainer_resumes_to_the_uninterrupted_loss(kind, kill, tmp_path
     resumed = train(kind, tmp_path/"killed", "resume")
     if kill.startswith("save-"): assert any(p.name.startswith(".incomplete-checkpoint-4") for p in ck.iterdir())
     assert resumed.steps == whole.steps == 6
+    assert abs(last_loss(resumed) - last_loss(whole)) <= 1e-3, (last_loss(resumed), last_loss(whole))
+
+
+def test_a_resumed_run_trains_in_the_precision_it_started_in(tmp_path, monkeypatch):
+    "The killed process chose fp32; the resuming one would choose bf16 (a CPU timing differs between processes): it keeps fp32."
+    import finetune_lab.core as core
+    monkeypatch.setenv("FINETUNE_LAB_PRECISION", "fp32")
+    whole = train("sft", tmp_path/"whole")
+    kid = spawn("train", "sft", tmp_path/"killed", "step-3"); kid.wait()
+    assert kid.returncode == -signal.SIGKILL
+    monkeypatch.delenv("FINETUNE_LAB_PRECISION")
+    monkeypatch.setattr(core, "cpu_bf16_native", lambda: True); monkeypatch.setattr(core, "bf16_speedup", lambda: 9.0)
+    assert core.train_precision("cpu") == "bf16"                       # what this process alone would choose
+    resumed = train("sft", tmp_path/"killed", "resume")
+    assert json.loads((tmp_path/"killed"/"precision.json").read_text())["precision"] == "fp32"
+    assert core.train_precision("cpu") == "fp32"                       # the whole resumed run, not only its start
     assert abs(last_loss(resumed) - last_loss(whole)) <= 1e-3, (last_loss(resumed), last_loss(whole))
 
 
