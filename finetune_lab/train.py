@@ -270,7 +270,7 @@ def agree_precision(device:str # the device this run trains on
     return choice[0]
 
 # %% ../nbs/02b_train.ipynb #7c3e9a51
-_RESUMED = None   # the precision a resumed run fixed in this process: the next run measures again
+_RESUMED = None   # (recorded, what FINETUNE_LAB_PRECISION was before) while a resumed run's precision is fixed in this process
 
 def run_precision(device:str,          # the device this run trains on
                   folder:str|Path,     # the run's folder: `precision.json` there records the choice
@@ -279,10 +279,13 @@ def run_precision(device:str,          # the device this run trains on
     "The run's training precision: on a resume, the one recorded in `folder` when it started; else `agree_precision`'s, recorded there."
     global _RESUMED
     key, rec = "FINETUNE_LAB_PRECISION", Path(folder)/"precision.json"
-    if _RESUMED and os.environ.get(key) == _RESUMED: del os.environ[key]
+    if _RESUMED and os.environ.get(key) == _RESUMED[0]:   # the last run was a resume: give back what was set before it
+        if _RESUMED[1] is None: del os.environ[key]
+        else: os.environ[key] = _RESUMED[1]
     _RESUMED = None
     if resume and device == "cpu" and rank() == 0 and rec.exists():
-        os.environ[key] = _RESUMED = recorded_precision(rec)
+        _RESUMED = (recorded_precision(rec), os.environ.get(key))
+        os.environ[key] = _RESUMED[0]
     p = agree_precision(device)
     if rank() == 0: write_json(rec, {"device": device, "precision": p})
     return p
