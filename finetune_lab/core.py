@@ -12,9 +12,9 @@ from pathlib import Path
 
 # %% auto #0
 __all__ = ['DEPENDENCY_NOTICES', 'FinetuneLabError', 'get_device', 'matmul_gflops', 'cpu_bf16_native', 'bf16_speedup',
-           'train_precision', 'get_dtype', 'precision_kwargs', 'seed_everything', 'atomic_path', 'write_json',
-           'clear_stale', 'claim_dir', 'shown', 'field_help', 'progress_on', 'progress', 'hush_dependency_notices',
-           'show_figures_as_png']
+           'train_precision', 'pin_precision', 'get_dtype', 'precision_kwargs', 'seed_everything', 'atomic_path',
+           'write_json', 'clear_stale', 'claim_dir', 'shown', 'field_help', 'progress_on', 'progress',
+           'hush_dependency_notices', 'show_figures_as_png']
 
 # %% ../nbs/00_core.ipynb #69a66dff
 class FinetuneLabError(Exception):
@@ -75,17 +75,28 @@ def bf16_speedup(tokens:int=1024, width:int=576, out:int=1536, reps:int=5) -> fl
     return round(best["bf16"] / best["fp32"], 2)
 
 # %% ../nbs/00_core.ipynb #4d6bd662
+_PINNED = None   # the precision one run must train in (a resumed run's recorded one; `pin_precision`), or None
+
 def train_precision(device:str=None # the device training will run on; default: `get_device()`
                    ) -> str:
-    "`bf16`, `fp16` or `fp32`: the compute precision for training on `device` (`FINETUNE_LAB_PRECISION` overrides on a CPU)."
+    "`bf16`, `fp16` or `fp32`: the compute precision for training on `device`; on a CPU the pinned one (`pin_precision`), else `FINETUNE_LAB_PRECISION`, else measured."
     import torch
     device = device or get_device()
     if device.startswith("cuda"): return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     if device != "cpu": return "fp32"
+    if _PINNED: return _PINNED
     if (forced := os.environ.get("FINETUNE_LAB_PRECISION")):
         if forced not in ("fp32", "bf16"): raise FinetuneLabError(f"FINETUNE_LAB_PRECISION={forced!r}", fix="set it to fp32 or bf16, or unset it")
         return forced
     return "bf16" if cpu_bf16_native() and bf16_speedup() >= 1.5 else "fp32"
+
+# %% ../nbs/00_core.ipynb #5e1d0c72
+def pin_precision(p:str|None # `fp32` or `bf16`; None: measure again
+                 ) -> None:
+    "Make `train_precision` answer `p` on a CPU, over `FINETUNE_LAB_PRECISION` and the measurement, until pinned again."
+    global _PINNED
+    if p not in (None, "fp32", "bf16"): raise ValueError(f"pin_precision({p!r}): fp32, bf16 or None")
+    _PINNED = p
 
 # %% ../nbs/00_core.ipynb #18f7b2cd
 def get_dtype(device:str=None # the device to pick a dtype for; default: `get_device()`

@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 from transformers import TrainerCallback
-from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtype, precision_kwargs, progress_on, seed_everything, shown, train_precision, write_json
+from .core import FinetuneLabError, atomic_path, claim_dir, get_device, get_dtype, pin_precision, precision_kwargs, progress_on, seed_everything, shown, train_precision, write_json
 
 # %% auto #0
 __all__ = ['METHODS', 'DONE', 'TrainSettings', 'OfflineSettings', 'OnlineSettings', 'load_base', 'Method', 'register_method',
@@ -270,22 +270,13 @@ def agree_precision(device:str # the device this run trains on
     return choice[0]
 
 # %% ../nbs/02b_train.ipynb #7c3e9a51
-_RESUMED = None   # (recorded, what FINETUNE_LAB_PRECISION was before) while a resumed run's precision is fixed in this process
-
 def run_precision(device:str,          # the device this run trains on
                   folder:str|Path,     # the run's folder: `precision.json` there records the choice
                   resume:bool=False    # a resumed run trains in the recorded precision
                  ) -> str:
-    "The run's training precision: on a resume, the one recorded in `folder` when it started; else `agree_precision`'s, recorded there."
-    global _RESUMED
-    key, rec = "FINETUNE_LAB_PRECISION", Path(folder)/"precision.json"
-    if _RESUMED and os.environ.get(key) == _RESUMED[0]:   # the last run was a resume: give back what was set before it
-        if _RESUMED[1] is None: del os.environ[key]
-        else: os.environ[key] = _RESUMED[1]
-    _RESUMED = None
-    if resume and device == "cpu" and rank() == 0 and rec.exists():
-        _RESUMED = (recorded_precision(rec), os.environ.get(key))
-        os.environ[key] = _RESUMED[0]
+    "The run's training precision: on a resume, the one recorded in `folder` when it started (`core.pin_precision`); else `agree_precision`'s, recorded there."
+    rec = Path(folder)/"precision.json"
+    pin_precision(recorded_precision(rec) if resume and device == "cpu" and rank() == 0 and rec.exists() else None)
     p = agree_precision(device)
     if rank() == 0: write_json(rec, {"device": device, "precision": p})
     return p
